@@ -1,0 +1,32 @@
+"""ranktune: LoRA fine-tuning that learns where rank belongs, with adapters in vanilla PEFT format.
+
+The Python API mirrors the command line: `load_config` reads a run config, `train` runs it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from ranktune.config import RunConfig, load_config
+    from ranktune.training import TrainResult, train
+
+_LAZY = {
+    "RunConfig": "ranktune.config",
+    "load_config": "ranktune.config",
+    "TrainResult": "ranktune.training",
+    "train": "ranktune.training",
+}
+
+__all__ = ["RunConfig", "TrainResult", "__version__", "load_config", "train"]
+
+
+def __getattr__(name: str):
+    """Imports heavy modules (torch, transformers) only when their names are used."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ranktune' has no attribute {name!r}")

@@ -1,0 +1,51 @@
+"""`ranktune eval ADAPTER_DIR --data FILE [--json]`: accuracy + macro-F1, or loss + perplexity."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from datasets import DatasetDict
+
+from ranktune.config import DataConfig
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="evaluate an adapter on a data file")
+    parser.add_argument("adapter_dir")
+    parser.add_argument("--data", required=True, help="a local json/jsonl/csv/parquet/txt file, or asset:NAME/FILE")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run)
+
+
+def data_config_of(info: dict, data_path: str) -> DataConfig:
+    """The training run's data settings (columns, max_length, format) applied to another file."""
+    section = dict(info.get("config", {}).get("data", {}))
+    section.update(train=data_path, validation=None, test=None, max_train_samples=None, packing=False)
+    return DataConfig.model_validate(section)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ranktune import assets
+    from ranktune.adapters import load_adapter
+    from ranktune.data import build_collator, load_file, prepare_causal_lm, prepare_classification
+    from ranktune.evaluation import evaluate
+
+    loaded = load_adapter(args.adapter_dir)
+    data_path = assets.resolve(args.data)
+    config = data_config_of(loaded.info, data_path)
+    splits = DatasetDict({"train": load_file(data_path, config.subset)})
+    if loaded.task == "classification":
+        prepared, _ = prepare_classification(splits, loaded.tokenizer, config, label_names=loaded.label_names)
+    else:
+        prepared = prepare_causal_lm(splits, loaded.tokenizer, config, model_type=loaded.model.config.model_type)
+    collator = build_collator(loaded.tokenizer, loaded.task)
+    num_labels = len(loaded.label_names) if loaded.label_names else None
+    metrics = evaluate(loaded.model, prepared["train"], collator, loaded.task, num_labels, args.batch_size)
+    if args.json:
+        print(json.dumps({"adapter": str(loaded.adapter_dir), "data": args.data, "task": loaded.task, **metrics}))
+    else:
+        for key, value in metrics.items():
+            print(f"{key:<12} {value:.4f}" if isinstance(value, float) else f"{key:<12} {value}")
+    return 0

@@ -1,0 +1,45 @@
+"""`ranktune inspect ADAPTER_DIR [--plot FILE.png] [--json]`: where the rank sits in an adapter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ranktune.errors import UserInputError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("inspect", help="show the rank of every adapted module")
+    parser.add_argument("adapter_dir")
+    parser.add_argument("--plot", metavar="FILE.png", help="also write a layers × module-type heatmap")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ranktune.adapters.layout import read_module_ranks
+    from ranktune.adapters.loading import read_adapter_config
+    from ranktune.reports import plot_rank_heatmap, rank_table
+
+    adapter_dir = Path(args.adapter_dir)
+    read_adapter_config(adapter_dir)
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise UserInputError(f"--plot expects a .png file name, got '{args.plot}'")
+    modules = read_module_ranks(adapter_dir)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "adapter": str(adapter_dir),
+                    "modules": [m.to_dict() for m in modules],
+                    "total_rank": sum(m.rank for m in modules),
+                    "parameters": sum(m.parameters for m in modules),
+                }
+            )
+        )
+    else:
+        print(rank_table(modules))
+    if args.plot:
+        print(f"plot: {plot_rank_heatmap(modules, args.plot)}")
+    return 0

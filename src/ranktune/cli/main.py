@@ -1,0 +1,59 @@
+"""The `ranktune` console script: one parser, one sub-command module per verb, one error policy.
+
+Bad input exits with 2 and one message; a runtime failure with 1; a traceback only with `--debug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from ranktune.cli import assets_cmd, eval_cmd, generate_cmd, inspect_cmd, merge_cmd, train_cmd
+from ranktune.errors import RanktuneError
+
+COMMANDS = (train_cmd, eval_cmd, generate_cmd, merge_cmd, inspect_cmd, assets_cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ranktune", description="LoRA fine-tuning that learns where rank belongs.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.register(subparsers)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Keeps the console to our own lines and the progress bar."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.debug:
+        _quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except RanktuneError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

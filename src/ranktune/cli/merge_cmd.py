@@ -1,0 +1,42 @@
+"""`ranktune merge ADAPTER_DIR --out DIR`: the base model with the adapter folded in, as a plain HF folder."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from ranktune.errors import UserInputError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("merge", help="fold an adapter into its base model and save the full model")
+    parser.add_argument("adapter_dir")
+    parser.add_argument("--out", required=True, help="a new folder for the merged model")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ranktune.adapters import load_adapter
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserInputError(f"--out '{out}' exists and is not empty; choose a new folder")
+    loaded = load_adapter(args.adapter_dir, quantize=False)
+    print(f"merging {args.adapter_dir} into its base model", file=sys.stderr)
+    merged = loaded.model.merge_and_unload()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(staging)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(f"merged model: {out}")
+    return 0

@@ -1,0 +1,292 @@
+"""The run configuration: a YAML (or TOML / JSON) file validated into typed sections.
+
+The key names are a contract that scripts outside the repository rely on. LoRA keys follow PEFT (`r`, `alpha`,
+`target_modules`, `rank_pattern`, ...), with PEFT's own spellings (`lora_alpha`, `use_rslora`, ...) accepted as
+aliases. The `training` section is handed to `transformers.TrainingArguments`, so every key documented there works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ranktune.errors import UserInputError, did_you_mean
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+Task = Literal["causal_lm", "classification"]
+DataFormat = Literal["auto", "text", "prompt_completion", "chat", "classification"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which base model to adapt and how to load it."""
+
+    name_or_path: str = Field(min_length=1)
+    task: Task = "causal_lm"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    attn_implementation: str | None = None
+    num_labels: int | None = Field(default=None, gt=0)
+
+
+class DataConfig(_Section):
+    """Where the examples come from and how they become token sequences."""
+
+    train: str = Field(min_length=1)
+    validation: str | None = None
+    test: str | None = None
+    subset: str | None = None
+    format: DataFormat = "auto"
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    messages_column: str = "messages"
+    max_length: int = Field(default=512, gt=0)
+    packing: bool = False
+    validation_split: float = Field(default=0.1, gt=0.0, lt=1.0)
+    max_train_samples: int | None = Field(default=None, gt=0)
+    max_eval_samples: int | None = Field(default=None, gt=0)
+    seed: int = 42
+
+
+class LoraSettings(_Section):
+    """LoRA hyper-parameters, named as in `peft.LoraConfig`."""
+
+    r: int = Field(default=8, gt=0)
+    alpha: float = Field(default=16.0, gt=0, validation_alias=AliasChoices("alpha", "lora_alpha"))
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, validation_alias=AliasChoices("dropout", "lora_dropout"))
+    target_modules: str | list[str] = "all-linear"
+    exclude_modules: str | list[str] | None = None
+    rslora: bool = Field(default=False, validation_alias=AliasChoices("rslora", "use_rslora"))
+    dora: bool = Field(default=False, validation_alias=AliasChoices("dora", "use_dora"))
+    bias: Literal["none", "all", "lora_only"] = "none"
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    modules_to_save: list[str] | None = None
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: str | list[str]) -> str | list[str]:
+        if not value:
+            raise ValueError("must name at least one module, a regex, or 'all-linear'")
+        return value
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _positive_ranks(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = {k: v for k, v in value.items() if v <= 0}
+        if bad:
+            raise ValueError(f"ranks must be > 0, got {bad}")
+        return value
+
+
+class AllocationConfig(_Section):
+    """How ranks are allocated across modules during training (`none`: plain LoRA)."""
+
+    method: Literal["none"] = "none"
+
+
+class RunConfig(_Section):
+    """A whole training run."""
+
+    model: ModelConfig
+    data: DataConfig
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    allocation: AllocationConfig = Field(default_factory=AllocationConfig)
+    training: dict[str, Any] = Field(default_factory=dict)
+    output_dir: str = Field(default="runs/ranktune", min_length=1)
+
+    @field_validator("training")
+    @classmethod
+    def _known_training_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_training_arguments(value)
+        return value
+
+
+def _training_fields() -> dict[str, dataclasses.Field]:
+    from transformers import TrainingArguments
+
+    return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+_RESERVED_TRAINING_KEYS = {"output_dir": "use the top-level 'output_dir'"}
+# Names from transformers 4.x that users still type; transformers 5 folded them into these fields.
+TRAINING_ALIASES = {"warmup_ratio": "warmup_steps", "evaluation_strategy": "eval_strategy"}
+
+
+def rename_training_aliases(values: dict[str, Any]) -> dict[str, Any]:
+    """Maps 4.x names onto their 5.x fields (`warmup_steps` below 1 is a fraction of the steps, like warmup_ratio)."""
+    return {TRAINING_ALIASES.get(key, key): value for key, value in values.items()}
+
+
+def _simple_types(annotation: Any) -> tuple[type, ...] | None:
+    """The plain Python types an annotation allows, or None when it allows anything we do not check."""
+    if isinstance(annotation, str):
+        annotation = {"int": int, "float": float, "bool": bool, "str": str}.get(annotation, Any)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        allowed: list[type] = []
+        for arg in typing.get_args(annotation):
+            if arg is type(None):
+                continue
+            inner = _simple_types(arg)
+            if inner is None:
+                return None
+            allowed.extend(inner)
+        return tuple(allowed)
+    if annotation in (int, float, bool, str):
+        return (annotation,)
+    return None
+
+
+def _type_matches(value: Any, allowed: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int) and (int in allowed or float in allowed):
+        return True
+    return any(isinstance(value, t) for t in allowed if t is not bool)
+
+
+def check_training_arguments(values: dict[str, Any]) -> None:
+    """Checks `training` keys against `TrainingArguments`: names, and types where the field's type is simple.
+
+    Raises:
+        ValueError: naming the first bad key and what it expects (pydantic turns it into a config error).
+    """
+    fields = _training_fields()
+    for key, value in rename_training_aliases(values).items():
+        if key in _RESERVED_TRAINING_KEYS:
+            raise ValueError(f"key '{key}' is not allowed here: {_RESERVED_TRAINING_KEYS[key]}")
+        if key not in fields:
+            raise ValueError(f"unknown key '{key}' (not a TrainingArguments field).{did_you_mean(key, fields)}")
+        hints = typing.get_type_hints(_training_owner(), include_extras=False)
+        allowed = _simple_types(hints.get(key, fields[key].type))
+        if value is not None and allowed and not _type_matches(value, allowed):
+            expected = " or ".join(t.__name__ for t in allowed)
+            raise ValueError(f"'{key}' expects {expected}, got {type(value).__name__} {value!r}")
+
+
+def _training_owner() -> type:
+    from transformers import TrainingArguments
+
+    return TrainingArguments
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserInputError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserInputError(f"cannot read config file {path}: {error}") from None
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise UserInputError(f"malformed YAML in {path}{where}: {problem}") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        raise UserInputError(f"malformed {suffix[1:].upper()} in {path}: {error}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies `dotted.key=value` overrides; values are parsed as YAML scalars (`8`, `true`, `1e-4`, `[a, b]`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserInputError(f"override '{item}' is not of the form dotted.key=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserInputError(f"override '{item}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _section_at(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, str]:
+    """Walks the config models along an error location; returns the model that owns the last key and its path."""
+    model: type[BaseModel] | None = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model else None
+        annotation = field.annotation if field else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model, ".".join(str(p) for p in loc)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    model, dotted = _section_at(loc)
+    if error["type"] == "extra_forbidden":
+        names = list(model.model_fields) if model else []
+        if model:
+            for field in model.model_fields.values():
+                alias = field.validation_alias
+                if isinstance(alias, AliasChoices):
+                    names.extend(str(c) for c in alias.choices)
+        return f"unknown key '{dotted}'.{did_you_mean(str(loc[-1]), names)}"
+    if error["type"] == "missing":
+        return f"missing required key '{dotted}'"
+    message = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"'{dotted}': {message}{shown}"
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Reads, overrides and validates a run config.
+
+    Raises:
+        UserInputError: the file is missing, malformed, or a key is unknown, of the wrong type or out of range.
+    """
+    path = Path(path)
+    data = apply_overrides(_read_mapping(path), overrides or [])
+    data.setdefault("output_dir", str(Path("runs") / path.stem))
+    return validate_config(data, source=str(path))
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validates a config mapping, turning pydantic's errors into one readable message."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        lines = [_describe(e) for e in error.errors()]
+        detail = lines[0] if len(lines) == 1 else "\n  - " + "\n  - ".join(lines)
+        raise UserInputError(f"invalid config {source}: {detail}") from None

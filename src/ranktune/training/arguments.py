@@ -1,0 +1,57 @@
+"""`transformers.TrainingArguments` from the `training` section, with defaults that suit LoRA runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from ranktune.config import RunConfig, rename_training_aliases
+from ranktune.errors import UserInputError
+
+
+def _mixed_precision() -> dict[str, bool]:
+    """bf16 where the GPU supports it; nothing on CPU (where it is slower, not faster)."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return {"bf16": True}
+    return {}
+
+
+def default_training_values(config: RunConfig, has_validation: bool) -> dict[str, Any]:
+    """Our defaults; any key the user sets in `training` wins."""
+    defaults: dict[str, Any] = {
+        "num_train_epochs": 1,
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 16,
+        "learning_rate": 2e-4,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 0,
+        "logging_steps": 10,
+        "logging_first_step": True,
+        "save_strategy": "epoch",
+        "save_total_limit": 2,
+        "eval_strategy": "epoch" if has_validation else "no",
+        "report_to": "none",
+        "include_num_input_tokens_seen": "non_padding",
+        "remove_unused_columns": False,
+        "label_names": ["labels"],
+        "train_sampling_strategy": "random" if config.data.packing else "group_by_length",
+        "seed": 42,
+        **_mixed_precision(),
+    }
+    return {**defaults, **rename_training_aliases(config.training)}
+
+
+def build_training_arguments(config: RunConfig, output_dir: Path, has_validation: bool) -> TrainingArguments:
+    """Builds TrainingArguments; a value transformers rejects becomes a config error naming the section.
+
+    Raises:
+        UserInputError: TrainingArguments refused a combination of values.
+    """
+    values = default_training_values(config, has_validation)
+    try:
+        return TrainingArguments(output_dir=str(output_dir), **values)
+    except (ValueError, TypeError, ImportError) as error:
+        raise UserInputError(f"invalid 'training' section: {error}") from None

@@ -1,0 +1,78 @@
+"""Trainer callbacks: the metrics.jsonl log with tokens/s, and a clean stop on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+
+class MetricsLogger(TrainerCallback):
+    """Adds tokens/s (and perplexity for causal LMs) to every log event and appends it to metrics.jsonl.
+
+    Placed first among the callbacks, so the console line shows the added values too.
+    """
+
+    def __init__(self, path: Path, causal_lm: bool) -> None:
+        self.path = path
+        self.causal_lm = causal_lm
+        self._last_time: float | None = None
+        self._last_tokens = 0
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._last_time = time.perf_counter()
+        self._last_tokens = state.num_input_tokens_seen
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        if not state.is_world_process_zero or logs is None:
+            return
+        now = time.perf_counter()
+        if "loss" in logs and self._last_time is not None:
+            elapsed = now - self._last_time
+            tokens = state.num_input_tokens_seen - self._last_tokens
+            if elapsed > 0 and tokens > 0:
+                logs["tokens_per_second"] = round(tokens / elapsed, 1)
+            self._last_time, self._last_tokens = now, state.num_input_tokens_seen
+        if self.causal_lm and "eval_loss" in logs:
+            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+        record: dict[str, Any] = {"step": state.global_step, "time": time.time(), **logs}
+        with self.path.open("a", encoding="utf-8") as stream:
+            stream.write(json.dumps(record, default=float) + "\n")
+
+
+class StopOnSignal(TrainerCallback):
+    """On SIGINT or SIGTERM, finishes the current optimizer step, saves a checkpoint and stops training.
+
+    A second signal interrupts at once (KeyboardInterrupt), for a user who does not want to wait.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()

@@ -1,0 +1,149 @@
+"""`ranktune train`: config → data → model + LoRA → Trainer → adapter, metrics and reports in output_dir."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig, Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from ranktune.adapters import attach_lora
+from ranktune.config import DataConfig, RunConfig
+from ranktune.data import build_collator, load_splits, prepare_causal_lm, prepare_classification
+from ranktune.errors import RanktuneError, UserInputError
+from ranktune.evaluation import evaluate, trainer_classification_metrics
+from ranktune.export import write_adapter
+from ranktune.models import load_base_model, load_tokenizer, resolve_model_path
+from ranktune.training.arguments import build_training_arguments
+from ranktune.training.callbacks import MetricsLogger, StopOnSignal
+from ranktune.training.outputs import METRICS_LOG, prepare_output_dir, save_resolved_config, write_run_info
+
+
+class TrainingInterrupted(RanktuneError):
+    """Stopped by Ctrl-C or SIGTERM after saving a checkpoint."""
+
+    exit_code = 130
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    metrics: dict[str, Any]
+    test_before: dict[str, Any] | None = None
+    test_after: dict[str, Any] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _log(message: str) -> None:
+    print(f"[ranktune] {message}", file=sys.stderr, flush=True)
+
+
+def _resolve_data_paths(data: DataConfig) -> DataConfig:
+    from ranktune import assets
+
+    resolved = {
+        key: assets.resolve(getattr(data, key)) for key in ("train", "validation", "test") if getattr(data, key)
+    }
+    return data.model_copy(update=resolved)
+
+
+def _prepare_datasets(config: RunConfig, data: DataConfig, tokenizer, model_path: str):
+    splits = load_splits(data)
+    if config.model.task == "classification":
+        return prepare_classification(splits, tokenizer, data, num_labels=config.model.num_labels)
+    model_type = AutoConfig.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code).model_type
+    return prepare_causal_lm(splits, tokenizer, data, model_type=model_type), None
+
+
+def _format_metrics(metrics: dict[str, Any]) -> str:
+    shown = {k: v for k, v in metrics.items() if k in ("accuracy", "macro_f1", "loss", "perplexity")}
+    return ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
+
+
+def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Runs one training job end to end and writes the adapter and reports into `config.output_dir`.
+
+    Raises:
+        UserInputError: bad config, data or paths.
+        TrainingInterrupted: a signal stopped training; a checkpoint was saved.
+    """
+    output_dir = prepare_output_dir(config.output_dir, resume, overwrite)
+    checkpoint = None
+    if resume:
+        checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if checkpoint is None:
+            raise UserInputError(f"--resume: no checkpoint-N folder in '{output_dir}' to resume from")
+    save_resolved_config(config, output_dir)
+    task = config.model.task
+
+    model_path = resolve_model_path(config.model.name_or_path)
+    data = _resolve_data_paths(config.data)
+    tokenizer = load_tokenizer(model_path, config.model)
+    _log(f"preparing data from {data.train}")
+    datasets, label_names = _prepare_datasets(config, data, tokenizer, model_path)
+    _log(f"loading {config.model.name_or_path} ({task})")
+    model = load_base_model(model_path, config.model, label_names=label_names, pad_token_id=tokenizer.pad_token_id)
+    args = build_training_arguments(config, output_dir, has_validation="validation" in datasets)
+    model = attach_lora(model, config.lora, task, gradient_checkpointing=bool(args.gradient_checkpointing))
+    trainable, total = model.get_nb_trainable_parameters()
+    _log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+
+    collator = build_collator(tokenizer, task, packing=data.packing)
+    num_labels = len(label_names) if label_names else None
+    stopper = StopOnSignal()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets.get("validation"),
+        data_collator=collator,
+        processing_class=tokenizer,
+        compute_metrics=trainer_classification_metrics(num_labels) if num_labels else None,
+        callbacks=[stopper],
+    )
+    trainer.callback_handler.callbacks.insert(0, MetricsLogger(output_dir / METRICS_LOG, task == "causal_lm"))
+
+    test = datasets.get("test")
+    eval_batch = args.per_device_eval_batch_size
+
+    def test_metrics() -> dict[str, Any] | None:
+        return evaluate(model, test, collator, task, num_labels, eval_batch) if test is not None else None
+
+    test_before = None if resume else test_metrics()
+    if test_before:
+        _log(f"test before training: {_format_metrics(test_before)}")
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    if stopper.received is not None:
+        last = get_last_checkpoint(str(output_dir))
+        raise TrainingInterrupted(
+            f"training stopped by signal {stopper.received}; checkpoint saved to {last}; "
+            "continue with `ranktune train CONFIG --resume`"
+        )
+    metrics = dict(train_output.metrics)
+    if "validation" in datasets:
+        metrics.update(trainer.evaluate())
+    test_after = test_metrics()
+    if test_after:
+        _log(f"test after training:  {_format_metrics(test_after)}")
+
+    write_adapter(model, tokenizer, output_dir)
+    info = write_run_info(
+        output_dir,
+        config,
+        {
+            "task": task,
+            "base_model_path": model_path,
+            "label_names": label_names,
+            "trainable_parameters": trainable,
+            "metrics": metrics,
+            "test_before": test_before,
+            "test_after": test_after,
+        },
+    )
+    _log(f"adapter saved to {output_dir}")
+    return TrainResult(output_dir, metrics, test_before, test_after, info)
