@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: setup
-	$(BIN)/ranktune train examples/quickstart.yaml
+	$(BIN)/ranktune train examples/quickstart.yaml --overwrite
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks

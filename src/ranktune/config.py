@@ -71,7 +71,7 @@ class DataConfig(_Section):
 class LoraSettings(_Section):
     """LoRA hyper-parameters, named as in `peft.LoraConfig`."""
 
-    r: int = Field(default=8, gt=0)
+    r: int = Field(default=8, gt=0, validation_alias=AliasChoices("r", "lora_r"))
     alpha: float = Field(default=16.0, gt=0, validation_alias=AliasChoices("alpha", "lora_alpha"))
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0, validation_alias=AliasChoices("dropout", "lora_dropout"))
     target_modules: str | list[str] = "all-linear"
@@ -118,8 +118,7 @@ class RunConfig(_Section):
     @field_validator("training")
     @classmethod
     def _known_training_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
-        check_training_arguments(value)
-        return value
+        return check_training_arguments(value)
 
 
 def _training_fields() -> dict[str, dataclasses.Field]:
@@ -166,23 +165,43 @@ def _type_matches(value: Any, allowed: tuple[type, ...]) -> bool:
     return any(isinstance(value, t) for t in allowed if t is not bool)
 
 
-def check_training_arguments(values: dict[str, Any]) -> None:
+def _coerce_number(value: Any, allowed: tuple[type, ...]) -> Any:
+    """YAML 1.1 reads `1e-4` as a string; users mean a number."""
+    if isinstance(value, str) and (float in allowed or int in allowed):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if int in allowed and float not in allowed and number.is_integer() else number
+    return value
+
+
+def check_training_arguments(values: dict[str, Any]) -> dict[str, Any]:
     """Checks `training` keys against `TrainingArguments`: names, and types where the field's type is simple.
+
+    Returns:
+        The values with 4.x aliases renamed and numeric strings (`1e-4`) turned into numbers.
 
     Raises:
         ValueError: naming the first bad key and what it expects (pydantic turns it into a config error).
     """
     fields = _training_fields()
+    hints = typing.get_type_hints(_training_owner(), include_extras=False)
+    checked: dict[str, Any] = {}
     for key, value in rename_training_aliases(values).items():
         if key in _RESERVED_TRAINING_KEYS:
             raise ValueError(f"key '{key}' is not allowed here: {_RESERVED_TRAINING_KEYS[key]}")
         if key not in fields:
-            raise ValueError(f"unknown key '{key}' (not a TrainingArguments field).{did_you_mean(key, fields)}")
-        hints = typing.get_type_hints(_training_owner(), include_extras=False)
+            names = list(fields) + list(TRAINING_ALIASES)
+            raise ValueError(f"unknown key '{key}' (not a TrainingArguments field).{did_you_mean(key, names)}")
         allowed = _simple_types(hints.get(key, fields[key].type))
-        if value is not None and allowed and not _type_matches(value, allowed):
-            expected = " or ".join(t.__name__ for t in allowed)
-            raise ValueError(f"'{key}' expects {expected}, got {type(value).__name__} {value!r}")
+        if value is not None and allowed:
+            value = _coerce_number(value, allowed)
+            if not _type_matches(value, allowed):
+                expected = " or ".join(t.__name__ for t in allowed)
+                raise ValueError(f"'{key}' expects {expected}, got {type(value).__name__} {value!r}")
+        checked[key] = value
+    return checked
 
 
 def _training_owner() -> type:

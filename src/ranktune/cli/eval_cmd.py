@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from datasets import DatasetDict
 
 from ranktune.config import DataConfig
+from ranktune.errors import UserInputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,6 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", required=True, help="a local json/jsonl/csv/parquet/txt file, or asset:NAME/FILE")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--predictions", metavar="FILE.jsonl", help="classification: write each example's prediction")
     parser.set_defaults(func=run)
 
 
@@ -23,14 +26,26 @@ def data_config_of(info: dict, data_path: str) -> DataConfig:
     """The training run's data settings (columns, max_length, format) applied to another file."""
     section = dict(info.get("config", {}).get("data", {}))
     section.update(train=data_path, validation=None, test=None, max_train_samples=None, packing=False)
+    if info.get("data_format"):
+        section["format"] = info["data_format"]
     return DataConfig.model_validate(section)
+
+
+def write_predictions(path: Path, predictions, labels, label_names: list[str]) -> None:
+    """One JSON object per example, in file order: the true and the predicted label."""
+    rows = [
+        json.dumps({"index": i, "label": label_names[int(y)], "prediction": label_names[int(p)]})
+        for i, (p, y) in enumerate(zip(predictions, labels, strict=True))
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
 
 
 def run(args: argparse.Namespace) -> int:
     from ranktune import assets
     from ranktune.adapters import load_adapter
     from ranktune.data import build_collator, load_file, prepare_causal_lm, prepare_classification
-    from ranktune.evaluation import evaluate
+    from ranktune.evaluation import classification_metrics, evaluate, predict_classes
 
     loaded = load_adapter(args.adapter_dir)
     data_path = assets.resolve(args.data)
@@ -42,7 +57,14 @@ def run(args: argparse.Namespace) -> int:
         prepared = prepare_causal_lm(splits, loaded.tokenizer, config, model_type=loaded.model.config.model_type)
     collator = build_collator(loaded.tokenizer, loaded.task)
     num_labels = len(loaded.label_names) if loaded.label_names else None
-    metrics = evaluate(loaded.model, prepared["train"], collator, loaded.task, num_labels, args.batch_size)
+    if args.predictions and loaded.task == "classification":
+        predictions, labels = predict_classes(loaded.model, prepared["train"], collator, args.batch_size)
+        write_predictions(Path(args.predictions), predictions, labels, loaded.label_names)
+        metrics = {**classification_metrics(predictions, labels, num_labels), "examples": len(labels)}
+    elif args.predictions:
+        raise UserInputError("--predictions is for classification adapters")
+    else:
+        metrics = evaluate(loaded.model, prepared["train"], collator, loaded.task, num_labels, args.batch_size)
     if args.json:
         print(json.dumps({"adapter": str(loaded.adapter_dir), "data": args.data, "task": loaded.task, **metrics}))
     else:

@@ -24,9 +24,9 @@ def _change(before: dict | None, after: dict | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
     from ranktune.training import train
 
-    config = load_config(args.config, args.overrides)
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     change = _change(result.test_before, result.test_after)
     if change:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from ranktune.config import RunConfig, rename_training_aliases
+from ranktune.config import RunConfig
 from ranktune.errors import UserInputError
 
 
@@ -41,7 +41,7 @@ def default_training_values(config: RunConfig, has_validation: bool) -> dict[str
         "seed": 42,
         **_mixed_precision(),
     }
-    return {**defaults, **rename_training_aliases(config.training)}
+    return {**defaults, **config.training}
 
 
 def build_training_arguments(config: RunConfig, output_dir: Path, has_validation: bool) -> TrainingArguments:

@@ -12,7 +12,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ranktune.adapters import attach_lora
 from ranktune.config import DataConfig, RunConfig
-from ranktune.data import build_collator, load_splits, prepare_causal_lm, prepare_classification
+from ranktune.data import build_collator, detect_format, load_splits, prepare_causal_lm, prepare_classification
 from ranktune.errors import RanktuneError, UserInputError
 from ranktune.evaluation import evaluate, trainer_classification_metrics
 from ranktune.export import write_adapter
@@ -53,11 +53,15 @@ def _resolve_data_paths(data: DataConfig) -> DataConfig:
 
 
 def _prepare_datasets(config: RunConfig, data: DataConfig, tokenizer, model_path: str):
+    """Tokenized splits, the label names (classification) and the data format that was used."""
     splits = load_splits(data)
     if config.model.task == "classification":
-        return prepare_classification(splits, tokenizer, data, num_labels=config.model.num_labels)
+        prepared, label_names = prepare_classification(splits, tokenizer, data, num_labels=config.model.num_labels)
+        return prepared, label_names, "classification"
+    data_format = detect_format(splits["train"], data)
+    data = data.model_copy(update={"format": data_format})
     model_type = AutoConfig.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code).model_type
-    return prepare_causal_lm(splits, tokenizer, data, model_type=model_type), None
+    return prepare_causal_lm(splits, tokenizer, data, model_type=model_type), None, data_format
 
 
 def _format_metrics(metrics: dict[str, Any]) -> str:
@@ -85,7 +89,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
     data = _resolve_data_paths(config.data)
     tokenizer = load_tokenizer(model_path, config.model)
     _log(f"preparing data from {data.train}")
-    datasets, label_names = _prepare_datasets(config, data, tokenizer, model_path)
+    datasets, label_names, data_format = _prepare_datasets(config, data, tokenizer, model_path)
     _log(f"loading {config.model.name_or_path} ({task})")
     model = load_base_model(model_path, config.model, label_names=label_names, pad_token_id=tokenizer.pad_token_id)
     args = build_training_arguments(config, output_dir, has_validation="validation" in datasets)
@@ -139,6 +143,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
             "task": task,
             "base_model_path": model_path,
             "label_names": label_names,
+            "data_format": data_format,
             "trainable_parameters": trainable,
             "metrics": metrics,
             "test_before": test_before,

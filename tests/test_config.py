@@ -1,0 +1,158 @@
+"""Config validation: the documented example, and one clear message per kind of bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ranktune.config import load_config
+from ranktune.errors import UserInputError
+
+ISSUE_EXAMPLE = """\
+model:
+  name_or_path: asset:minilm-l6        # or a hub id, or a local folder
+  task: classification                 # causal_lm | classification
+data:
+  train: data/train.jsonl              # local json/jsonl/csv/parquet/txt, or a hub dataset name
+  validation: data/validation.jsonl    # optional: a seeded split is made when absent
+  text_column: text                    # classification pairs: text_column + text_pair_column
+  label_column: label
+  max_length: 128
+lora:
+  r: 8
+  alpha: 16
+  dropout: 0.05
+  target_modules: all-linear
+allocation:
+  method: none                         # later issues add l1ra, adalora, hetero
+training:                              # passed to transformers.TrainingArguments
+  num_train_epochs: 1
+  per_device_train_batch_size: 32
+  learning_rate: 5.0e-4
+output_dir: runs/quickstart
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_of(path: Path, overrides: list[str] | None = None) -> str:
+    with pytest.raises(UserInputError) as caught:
+        load_config(path, overrides)
+    assert caught.value.exit_code == 2
+    return str(caught.value)
+
+
+def test_issue_example_validates_as_written(tmp_path):
+    config = load_config(write(tmp_path, ISSUE_EXAMPLE))
+    assert config.model.task == "classification"
+    assert config.lora.r == 8 and config.lora.alpha == 16.0 and config.lora.target_modules == "all-linear"
+    assert config.data.max_length == 128 and config.data.validation == "data/validation.jsonl"
+    assert config.training == {"num_train_epochs": 1, "per_device_train_batch_size": 32, "learning_rate": 5.0e-4}
+    assert config.output_dir == "runs/quickstart"
+
+
+def test_toml_and_json_are_accepted(tmp_path):
+    toml = write(tmp_path, '[model]\nname_or_path = "m"\n[data]\ntrain = "t.jsonl"\n[lora]\nr = 4\n', "run.toml")
+    json_file = write(tmp_path, '{"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}', "run.json")
+    assert load_config(toml).lora.r == 4
+    assert load_config(json_file).lora.r == 8
+
+
+def test_output_dir_defaults_to_runs_and_the_config_name(tmp_path):
+    path = write(tmp_path, "model: {name_or_path: m}\ndata: {train: t.jsonl}\n", "my-job.yaml")
+    assert load_config(path).output_dir == str(Path("runs") / "my-job")
+
+
+def test_peft_spellings_are_aliases(tmp_path):
+    text = "model: {name_or_path: m}\ndata: {train: t}\nlora: {lora_alpha: 32, lora_dropout: 0.1, use_rslora: true}\n"
+    lora = load_config(write(tmp_path, text)).lora
+    assert (lora.alpha, lora.dropout, lora.rslora) == (32.0, 0.1, True)
+
+
+def test_overrides_set_dotted_keys_with_yaml_values(tmp_path):
+    config = load_config(
+        write(tmp_path, ISSUE_EXAMPLE),
+        ["lora.r=16", "training.learning_rate=1e-4", "lora.target_modules=[query, value]", "data.packing=true"],
+    )
+    assert config.lora.r == 16
+    assert config.training["learning_rate"] == pytest.approx(1e-4)
+    assert config.lora.target_modules == ["query", "value"]
+    assert config.data.packing is True
+
+
+def test_yaml_1e_minus_4_is_a_number(tmp_path):
+    config = load_config(write(tmp_path, ISSUE_EXAMPLE.replace("5.0e-4", "1e-4")))
+    assert config.training["learning_rate"] == pytest.approx(1e-4)
+
+
+def test_transformers_4_names_are_renamed(tmp_path):
+    text = ISSUE_EXAMPLE.replace("learning_rate: 5.0e-4", "warmup_ratio: 0.1")
+    assert load_config(write(tmp_path, text)).training["warmup_steps"] == 0.1
+
+
+def test_unknown_key_names_key_and_closest(tmp_path):
+    message = error_of(write(tmp_path, ISSUE_EXAMPLE.replace("  r: 8", "  rr: 8")))
+    assert "unknown key 'lora.rr'" in message and "Did you mean 'r'?" in message
+
+
+def test_unknown_section_names_closest(tmp_path):
+    message = error_of(write(tmp_path, ISSUE_EXAMPLE.replace("lora:", "lorra:")))
+    assert "unknown key 'lorra'" in message and "'lora'" in message
+
+
+def test_unknown_training_key_names_closest_field(tmp_path):
+    message = error_of(write(tmp_path, ISSUE_EXAMPLE.replace("learning_rate:", "learning_rat:")))
+    assert "'learning_rat'" in message and "Did you mean 'learning_rate'?" in message
+
+
+def test_wrong_type_names_key_and_expectation(tmp_path):
+    message = error_of(write(tmp_path, ISSUE_EXAMPLE.replace("max_length: 128", "max_length: long")))
+    assert "'data.max_length'" in message and "integer" in message and "'long'" in message
+
+
+def test_wrong_training_type_names_key(tmp_path):
+    message = error_of(write(tmp_path, ISSUE_EXAMPLE.replace("num_train_epochs: 1", "num_train_epochs: two")))
+    assert "'num_train_epochs' expects float" in message
+
+
+@pytest.mark.parametrize("rank", ["0", "-4"])
+def test_rank_must_be_positive(tmp_path, rank):
+    message = error_of(write(tmp_path, ISSUE_EXAMPLE.replace("  r: 8", f"  r: {rank}")))
+    assert "'lora.r'" in message and "greater than 0" in message
+
+
+def test_bad_task_lists_choices(tmp_path):
+    message = error_of(write(tmp_path, ISSUE_EXAMPLE.replace("task: classification", "task: regression")))
+    assert "'model.task'" in message and "'causal_lm'" in message and "'classification'" in message
+
+
+def test_missing_required_key(tmp_path):
+    message = error_of(write(tmp_path, "model: {name_or_path: m}\n"))
+    assert "missing required key 'data'" in message
+
+
+def test_missing_config_file(tmp_path):
+    assert "config file not found" in error_of(tmp_path / "nope.yaml")
+
+
+def test_malformed_yaml_gives_the_line(tmp_path):
+    message = error_of(write(tmp_path, "model:\n  name_or_path: [unclosed\ndata: {train: x}\n"))
+    assert "malformed YAML" in message and "line" in message
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    assert "must be a mapping" in error_of(write(tmp_path, "- a\n- b\n"))
+
+
+def test_bad_override_syntax(tmp_path):
+    assert "dotted.key=value" in error_of(write(tmp_path, ISSUE_EXAMPLE), ["lora.r"])
+
+
+def test_output_dir_inside_training_is_refused(tmp_path):
+    text = ISSUE_EXAMPLE.replace("  num_train_epochs: 1", "  output_dir: x\n  num_train_epochs: 1")
+    assert "top-level 'output_dir'" in error_of(write(tmp_path, text))
