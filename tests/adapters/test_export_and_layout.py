@@ -18,7 +18,9 @@ from ranktune.export import write_adapter
 def adapted(make_model_dir):
     folder = make_model_dir("llama")
     model = AutoModelForCausalLM.from_pretrained(folder)
-    settings = LoraSettings(r=4, target_modules=["q_proj", "down_proj"], rank_pattern={"model.layers.1.mlp.down_proj": 2})
+    settings = LoraSettings(
+        r=4, target_modules=["q_proj", "down_proj"], rank_pattern={"model.layers.1.mlp.down_proj": 2}
+    )
     peft_model = attach_lora(model, settings, "causal_lm")
     with torch.no_grad():  # make B non-zero so the adapter changes the output
         for name, parameter in peft_model.named_parameters():

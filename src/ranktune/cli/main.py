@@ -6,9 +6,9 @@ Bad input exits with 2 and one message; a runtime failure with 1; a traceback on
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from ranktune.cli import assets_cmd, eval_cmd, generate_cmd, inspect_cmd, merge_cmd, train_cmd
@@ -27,15 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    """Keeps the console to our own lines and the progress bar."""
+    """Keeps the console to our own lines and the progress bars; set before transformers is imported."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    logging.getLogger("datasets").setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,83 @@
+"""The training run through the Python API: quantized bases, resume after a signal, packing."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from ranktune.config import validate_config
+from ranktune.training import train
+
+TEXT = "To be, or not to be, that is the question: whether tis nobler in the mind to suffer. " * 6
+
+
+def text_config(model_dir: Path, tmp_path: Path, **training) -> dict:
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("".join(json.dumps({"text": TEXT[i:] + TEXT[:i]}) + "\n" for i in range(0, 120, 6)))
+    return {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": str(data), "max_length": 32, "format": "text"},
+        "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+        "training": {"per_device_train_batch_size": 4, "learning_rate": 5e-3, "save_strategy": "no", **training},
+        "output_dir": str(tmp_path / "out"),
+    }
+
+
+def test_quantized_4bit_base_trains_and_saves(make_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    config = text_config(make_model_dir("llama"), tmp_path, max_steps=3)
+    config["model"]["quantization"] = "4bit"
+    result = train(validate_config(config))
+    tensors = load_file(str(result.output_dir / "adapter_model.safetensors"))
+    assert sorted(k for k in tensors if "lora_A" in k) == [
+        f"base_model.model.model.layers.{i}.self_attn.{m}.lora_A.weight" for i in range(2) for m in ("q_proj", "v_proj")
+    ]
+    assert result.info["config"]["model"]["quantization"] == "4bit"
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # trained, not the zero init
+
+
+RESUMABLE = """
+import sys
+from ranktune.cli.main import main
+sys.exit(main(["train", sys.argv[1]] + sys.argv[2:]))
+"""
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(make_model_dir, tmp_path):
+    import yaml
+
+    config = text_config(
+        make_model_dir("llama"), tmp_path, max_steps=100000, logging_steps=1, save_strategy="steps", save_steps=100000
+    )
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen([sys.executable, "-c", RESUMABLE, str(path)], stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    checkpoints = sorted((tmp_path / "out").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and "--resume" in stderr
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+
+    finish = subprocess.run(
+        [sys.executable, "-c", RESUMABLE, str(path), "--resume", f"training.max_steps={stopped_at + 2}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert finish.returncode == 0, finish.stderr
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
+    assert steps[-2:] == [stopped_at + 1, stopped_at + 2]
+    assert (tmp_path / "out" / "adapter_config.json").exists()
