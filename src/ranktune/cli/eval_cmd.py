@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from datasets import DatasetDict
-
 from ranktune.config import DataConfig
 from ranktune.errors import UserInputError
 
@@ -42,6 +40,8 @@ def write_predictions(path: Path, predictions, labels, label_names: list[str]) -
 
 
 def run(args: argparse.Namespace) -> int:
+    from datasets import DatasetDict
+
     from ranktune import assets
     from ranktune.adapters import load_adapter
     from ranktune.data import build_collator, load_file, prepare_causal_lm, prepare_classification

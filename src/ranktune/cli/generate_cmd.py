@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from ranktune.errors import UserInputError
 
 
@@ -31,6 +29,8 @@ def use_chat_template(requested: bool | None, info: dict, tokenizer) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ranktune.adapters import load_adapter
 
     if args.max_new_tokens <= 0:
