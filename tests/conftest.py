@@ -97,22 +97,26 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return build_tokenizer()
 
 
+def save_tiny_model(folder: Path, family: str = "llama", task: str = "causal_lm", num_labels: int = 2) -> Path:
+    """Saves a seeded tiny model of the family (plus tokenizer) into `folder` and returns it."""
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    config = build_config(family, len(tokenizer), tokenizer)
+    if task == "classification":
+        config.num_labels = num_labels
+        model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def make_model_dir(tmp_path: Path) -> Callable[..., Path]:
     """Returns a factory: `make_model_dir(family, task)` saves a tiny model + tokenizer and returns the folder."""
 
     def make(family: str = "llama", task: str = "causal_lm", num_labels: int = 2) -> Path:
-        torch.manual_seed(0)
-        tokenizer = build_tokenizer()
-        config = build_config(family, len(tokenizer), tokenizer)
-        if task == "classification":
-            config.num_labels = num_labels
-            model = AutoModelForSequenceClassification.from_config(config)
-        else:
-            model = AutoModelForCausalLM.from_config(config)
-        folder = tmp_path / f"tiny-{family}-{task}"
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        return folder
+        return save_tiny_model(tmp_path / f"tiny-{family}-{task}", family, task, num_labels)
 
     return make

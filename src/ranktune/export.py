@@ -16,7 +16,7 @@ from typing import Any
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-ADAPTER_CONFIG = "adapter_config.json"
+from ranktune.adapters.layout import ADAPTER_CONFIG
 
 
 def write_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | Path) -> None:

@@ -9,7 +9,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from ranktune.adapters import attach_lora, read_module_ranks
+from ranktune.adapters.layout import read_module_ranks
+from ranktune.adapters.lora import attach_lora
 from ranktune.config import LoraSettings
 from ranktune.export import write_adapter
 

@@ -14,6 +14,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from tests.cli.helpers import run_cli
+from tests.conftest import save_tiny_model
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor"]
 
@@ -38,11 +39,12 @@ def write_config(folder: Path, text: str) -> Path:
     return path
 
 
-@pytest.fixture
-def classification_run(tmp_path, make_model_dir):
-    """Trains a tiny BERT classifier through the console script; returns (output_dir, data files, model folder)."""
+@pytest.fixture(scope="module")
+def classification_run(tmp_path_factory):
+    """Trains a tiny BERT classifier once through the console script; returns (output_dir, data, model, result)."""
+    tmp_path = tmp_path_factory.mktemp("classification")
     files = write_classification_data(tmp_path)
-    model_dir = make_model_dir("bert", "classification")
+    model_dir = save_tiny_model(tmp_path / "tiny-bert", "bert", "classification")
     config = write_config(
         tmp_path,
         f"""

@@ -1,14 +1,4 @@
-"""LoRA adapters: building them on a base model, loading saved ones, and reading their per-module ranks."""
+"""LoRA adapters: `lora` builds them on a base model, `loading` loads saved ones, `layout` reads a folder's files.
 
-from ranktune.adapters.layout import ModuleRank, read_module_ranks
-from ranktune.adapters.loading import LoadedAdapter, load_adapter
-from ranktune.adapters.lora import attach_lora, build_lora_config
-
-__all__ = [
-    "LoadedAdapter",
-    "ModuleRank",
-    "attach_lora",
-    "build_lora_config",
-    "load_adapter",
-    "read_module_ranks",
-]
+Import the submodules directly; this package imports nothing heavy, so reading a folder stays cheap.
+"""

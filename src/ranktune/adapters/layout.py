@@ -1,14 +1,23 @@
-"""Per-module ranks and sizes of a saved adapter, read from its tensors alone (no base model needed)."""
+"""What an adapter folder holds, read from its files alone (no base model, no torch model code needed).
+
+Cheap to import, so the command line can refuse a folder that is not an adapter before loading any library.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from safetensors import safe_open
 
+from ranktune.errors import UserInputError
+
+ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+RUN_INFO = "ranktune.json"
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -55,3 +64,26 @@ def read_module_ranks(adapter_dir: str | Path) -> list[ModuleRank]:
             )
         )
     return sorted(ranks, key=lambda m: (m.layer if m.layer is not None else -1, m.module))
+
+
+def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """Reads adapter_config.json, refusing folders that are not LoRA adapters."""
+    config_path = adapter_dir / ADAPTER_CONFIG
+    if not adapter_dir.is_dir() or not config_path.is_file() or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise UserInputError(
+            f"'{adapter_dir}' is not an adapter directory: expected adapter_config.json and {ADAPTER_WEIGHTS} "
+            "(the output_dir of `ranktune train`, or a PEFT LoRA adapter folder)"
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserInputError(f"cannot read {config_path}: {error}") from None
+    if config.get("peft_type") != "LORA":
+        raise UserInputError(f"{config_path}: peft_type is {config.get('peft_type')!r}; ranktune loads LORA adapters")
+    return config
+
+
+def read_run_info(adapter_dir: Path) -> dict[str, Any]:
+    """ranktune.json of a ranktune run, or {} for an adapter made elsewhere."""
+    path = adapter_dir / RUN_INFO
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

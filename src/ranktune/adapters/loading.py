@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,12 +10,11 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import PreTrainedTokenizerBase
 
-from ranktune.adapters.layout import ADAPTER_WEIGHTS
+from ranktune.adapters.layout import ADAPTER_WEIGHTS, read_adapter_config, read_run_info
 from ranktune.config import ModelConfig, Task
 from ranktune.errors import UserInputError
 from ranktune.models.loading import load_base_model, load_tokenizer
 
-RUN_INFO = "ranktune.json"
 _PEFT_TASKS: dict[str, Task] = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "classification"}
 _HEAD_SUFFIXES = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
 
@@ -31,29 +29,6 @@ class LoadedAdapter:
     label_names: list[str] | None
     adapter_dir: Path
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
-    """Reads adapter_config.json, refusing folders that are not LoRA adapters."""
-    config_path = adapter_dir / "adapter_config.json"
-    if not adapter_dir.is_dir() or not config_path.is_file() or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise UserInputError(
-            f"'{adapter_dir}' is not an adapter directory: expected adapter_config.json and {ADAPTER_WEIGHTS} "
-            "(the output_dir of `ranktune train`, or a PEFT LoRA adapter folder)"
-        )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserInputError(f"cannot read {config_path}: {error}") from None
-    if config.get("peft_type") != "LORA":
-        raise UserInputError(f"{config_path}: peft_type is {config.get('peft_type')!r}; ranktune loads LORA adapters")
-    return config
-
-
-def read_run_info(adapter_dir: Path) -> dict[str, Any]:
-    """ranktune.json of a ranktune run, or {} for an adapter made elsewhere."""
-    path = adapter_dir / RUN_INFO
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _head_label_count(adapter_dir: Path) -> int | None:

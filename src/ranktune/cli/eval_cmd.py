@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ranktune.adapters.layout import read_adapter_config
 from ranktune.config import DataConfig
 from ranktune.errors import UserInputError
 
@@ -40,10 +41,11 @@ def write_predictions(path: Path, predictions, labels, label_names: list[str]) -
 
 
 def run(args: argparse.Namespace) -> int:
+    read_adapter_config(Path(args.adapter_dir))  # refuse a wrong folder before importing torch
     from datasets import DatasetDict
 
     from ranktune import assets
-    from ranktune.adapters import load_adapter
+    from ranktune.adapters.loading import load_adapter
     from ranktune.data import build_collator, load_file, prepare_causal_lm, prepare_classification
     from ranktune.evaluation import classification_metrics, evaluate, predict_classes
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from ranktune.adapters.layout import read_adapter_config
 from ranktune.errors import UserInputError
 
 
@@ -29,9 +31,10 @@ def use_chat_template(requested: bool | None, info: dict, tokenizer) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    read_adapter_config(Path(args.adapter_dir))  # refuse a wrong folder before importing torch
     import torch
 
-    from ranktune.adapters import load_adapter
+    from ranktune.adapters.loading import load_adapter
 
     if args.max_new_tokens <= 0:
         raise UserInputError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")

@@ -18,8 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ranktune.adapters.layout import read_module_ranks
-    from ranktune.adapters.loading import read_adapter_config
+    from ranktune.adapters.layout import read_adapter_config, read_module_ranks
     from ranktune.reports import plot_rank_heatmap, rank_table
 
     adapter_dir = Path(args.adapter_dir)

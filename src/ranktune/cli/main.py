@@ -37,7 +37,11 @@ def _quiet_libraries() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "overrides", None) is not None and all("=" in e and e[0] != "-" for e in extra):
+        args.overrides += extra  # `train CONFIG --resume key=value`: overrides may follow the flags too
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not args.debug:
         _quiet_libraries()
     try:

@@ -8,6 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ranktune.adapters.layout import read_adapter_config
 from ranktune.errors import UserInputError
 
 
@@ -19,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ranktune.adapters import load_adapter
+    read_adapter_config(Path(args.adapter_dir))  # refuse a wrong folder before importing torch
+    from ranktune.adapters.loading import load_adapter
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):

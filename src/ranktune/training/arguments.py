@@ -51,6 +51,11 @@ def build_training_arguments(config: RunConfig, output_dir: Path, has_validation
         UserInputError: TrainingArguments refused a combination of values.
     """
     values = default_training_values(config, has_validation)
+    if config.data.packing and values.get("use_cache"):
+        raise UserInputError(
+            "training.use_cache: true with data.packing: the KV cache disables the per-example attention mask "
+            "that keeps packed examples apart; drop use_cache or set data.packing: false"
+        )
     try:
         return TrainingArguments(output_dir=str(output_dir), **values)
     except (ValueError, TypeError, ImportError) as error:

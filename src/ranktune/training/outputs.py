@@ -9,11 +9,10 @@ from typing import Any
 
 import yaml
 
-from ranktune.adapters.layout import read_module_ranks
-from ranktune.adapters.loading import RUN_INFO
+from ranktune.adapters.layout import ADAPTER_CONFIG, RUN_INFO, read_module_ranks
 from ranktune.config import RunConfig
 from ranktune.errors import UserInputError
-from ranktune.export import ADAPTER_CONFIG, write_json_atomic
+from ranktune.export import write_json_atomic
 
 RESOLVED_CONFIG = "config.yaml"
 METRICS_LOG = "metrics.jsonl"

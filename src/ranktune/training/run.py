@@ -10,7 +10,7 @@ from typing import Any
 from transformers import AutoConfig, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from ranktune.adapters import attach_lora
+from ranktune.adapters.lora import attach_lora
 from ranktune.config import DataConfig, RunConfig
 from ranktune.data import build_collator, detect_format, load_splits, prepare_causal_lm, prepare_classification
 from ranktune.errors import RanktuneError, UserInputError
