@@ -90,6 +90,11 @@ def test_yaml_1e_minus_4_is_a_number(tmp_path):
     assert config.training["learning_rate"] == pytest.approx(1e-4)
 
 
+def test_yaml_no_means_the_strategy_no(tmp_path):
+    config = load_config(write(tmp_path, ISSUE_EXAMPLE), ["training.eval_strategy=no", "training.save_strategy=no"])
+    assert config.training["eval_strategy"] == "no" and config.training["save_strategy"] == "no"
+
+
 def test_transformers_4_names_are_renamed(tmp_path):
     text = ISSUE_EXAMPLE.replace("learning_rate: 5.0e-4", "warmup_ratio: 0.1")
     assert load_config(write(tmp_path, text)).training["warmup_steps"] == 0.1

@@ -18,7 +18,7 @@ def test_minilm_learns_rotten_tomatoes(tmp_path):
         "examples/quickstart.yaml",
         f"output_dir={out}",
         "data.max_train_samples=1200",
-        "data.max_eval_samples=300",
+        "data.max_test_samples=300",
         "training.num_train_epochs=2",
         "training.save_strategy=no",
         "training.eval_strategy=no",

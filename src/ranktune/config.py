@@ -65,6 +65,7 @@ class DataConfig(_Section):
     validation_split: float = Field(default=0.1, gt=0.0, lt=1.0)
     max_train_samples: int | None = Field(default=None, gt=0)
     max_eval_samples: int | None = Field(default=None, gt=0)
+    max_test_samples: int | None = Field(default=None, gt=0)
     seed: int = 42
 
 
@@ -176,6 +177,13 @@ def _coerce_number(value: Any, allowed: tuple[type, ...]) -> Any:
     return value
 
 
+def _accepts_str_not_bool(annotation: Any) -> bool:
+    """True for fields like `eval_strategy: IntervalStrategy | str`, where YAML's `no` (read as False) means "no"."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    members = set(args) or {annotation}
+    return str in members and bool not in members
+
+
 def check_training_arguments(values: dict[str, Any]) -> dict[str, Any]:
     """Checks `training` keys against `TrainingArguments`: names, and types where the field's type is simple.
 
@@ -194,7 +202,10 @@ def check_training_arguments(values: dict[str, Any]) -> dict[str, Any]:
         if key not in fields:
             names = list(fields) + list(TRAINING_ALIASES)
             raise ValueError(f"unknown key '{key}' (not a TrainingArguments field).{did_you_mean(key, names)}")
-        allowed = _simple_types(hints.get(key, fields[key].type))
+        annotation = hints.get(key, fields[key].type)
+        if value is False and _accepts_str_not_bool(annotation):
+            value = "no"
+        allowed = _simple_types(annotation)
         if value is not None and allowed:
             value = _coerce_number(value, allowed)
             if not _type_matches(value, allowed):

@@ -33,6 +33,10 @@ def write_classification_data(folder: Path) -> dict[str, Path]:
     return files
 
 
+def events_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def write_config(folder: Path, text: str) -> Path:
     path = folder / "run.yaml"
     path.write_text(textwrap.dedent(text))
@@ -82,7 +86,9 @@ def test_output_tree_and_logs(classification_run):
     assert {m["rank"] for m in info["modules"]} == {4} and len(info["modules"]) == 13  # 2 layers x 6 + pooler
     assert info["versions"]["peft"] and info["config"]["lora"]["r"] == 4
     assert info["test_after"]["examples"] == 12
-    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last_eval = [e for e in events_of(out) if "eval_accuracy" in e][-1]
+    assert info["metrics"]["eval_accuracy"] == last_eval["eval_accuracy"] and last_eval["step"] == 12
+    events = events_of(out)
     train_logs = [e for e in events if "loss" in e]
     assert [e["step"] for e in train_logs] == [1, 2, 4, 6, 8, 10, 12]
     assert all(e["tokens_per_second"] > 0 for e in train_logs[1:])

@@ -150,12 +150,14 @@ def test_given_validation_and_test_files_are_used(tmp_path: Path) -> None:
 
 def test_max_samples_keep_a_seeded_subset(tmp_path: Path) -> None:
     test = write_jsonl(tmp_path / "test.jsonl", ROWS)
-    config = config_for(tmp_path, test=str(test), max_train_samples=4, max_eval_samples=2, validation_split=0.5)
+    config = config_for(
+        tmp_path, test=str(test), max_train_samples=4, max_eval_samples=2, max_test_samples=3, validation_split=0.5
+    )
 
     splits = load_splits(config)
     again = load_splits(config)
 
-    assert [len(splits[name]) for name in ("train", "validation", "test")] == [4, 2, 2]
+    assert [len(splits[name]) for name in ("train", "validation", "test")] == [4, 2, 3]
     assert splits["train"]["text"] == again["train"]["text"]
     full = load_splits(config.model_copy(update={"max_train_samples": None}))
     assert set(splits["train"]["text"]) <= set(full["train"]["text"])

@@ -41,7 +41,7 @@ def load_splits(config: DataConfig) -> DatasetDict:
     """Loads the splits of a run: "train", "validation" and, when `config.test` is set, "test".
 
     Without `config.validation`, a seeded `config.validation_split` fraction of train becomes the validation split.
-    `max_train_samples` / `max_eval_samples` then keep a seeded random subset of train / of validation and test.
+    `max_train_samples` / `max_eval_samples` / `max_test_samples` then keep a seeded random subset of each split.
 
     Raises:
         UserInputError: a source cannot be loaded, or train is too small to split a validation set from.
@@ -56,7 +56,7 @@ def load_splits(config: DataConfig) -> DatasetDict:
         "validation": _subsample(validation, config.max_eval_samples, config.seed),
     }
     if config.test:
-        splits["test"] = _subsample(load_file(config.test, config.subset, "test"), config.max_eval_samples, config.seed)
+        splits["test"] = _subsample(load_file(config.test, config.subset, "test"), config.max_test_samples, config.seed)
     return DatasetDict(splits)
 
 

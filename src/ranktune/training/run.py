@@ -64,6 +64,17 @@ def _prepare_datasets(config: RunConfig, data: DataConfig, tokenizer, model_path
     return prepare_causal_lm(splits, tokenizer, data, model_type=model_type), None, data_format
 
 
+def _final_validation(trainer: Trainer, has_validation: bool) -> dict[str, Any]:
+    """Validation metrics at the last step: the Trainer's own if it evaluated there, else one evaluation now."""
+    if not has_validation:
+        return {}
+    last = trainer.state.log_history[-2:]  # the final eval (if any) is logged just before the train summary
+    for record in last:
+        if "eval_loss" in record and record.get("step") == trainer.state.global_step:
+            return {k: v for k, v in record.items() if k.startswith("eval_")}
+    return trainer.evaluate()
+
+
 def _format_metrics(metrics: dict[str, Any]) -> str:
     shown = {k: v for k, v in metrics.items() if k in ("accuracy", "macro_f1", "loss", "perplexity")}
     return ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
@@ -128,9 +139,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
             f"training stopped by signal {stopper.received}; checkpoint saved to {last}; "
             "continue with `ranktune train CONFIG --resume`"
         )
-    metrics = dict(train_output.metrics)
-    if "validation" in datasets:
-        metrics.update(trainer.evaluate())
+    metrics = {**train_output.metrics, **_final_validation(trainer, "validation" in datasets)}
     test_after = test_metrics()
     if test_after:
         _log(f"test after training:  {_format_metrics(test_after)}")
