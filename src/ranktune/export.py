@@ -1,5 +1,10 @@
 """Writing a finished adapter into output_dir in vanilla PEFT format, never half-written.
 
+Plain LoRA is saved by PEFT itself. Gated (adaptive-rank) modules are exported in the canonical heterogeneous form:
+each module's gate and scaling are folded into its weights, inactive components and rank-0 modules are dropped, and
+`r = lora_alpha = max rank` with `rank_pattern = alpha_pattern = {module: rank}`, so every scaling is exactly 1.0 and
+any PEFT-reading tool loads it.
+
 PEFT recognises an adapter folder by its adapter_config.json, so that file is moved in last, after the weights and
 the tokenizer; a crash before then leaves no adapter_config.json and nothing that looks finished.
 """
@@ -13,20 +18,89 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
-from ranktune.adapters.layout import ADAPTER_CONFIG
+from ranktune.adapters.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ranktune.allocation.components import GatedModule
+from ranktune.errors import RuntimeFailure
 
 
-def write_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | Path) -> None:
-    """Saves adapter_config.json + adapter_model.safetensors (+ tokenizer) into output_dir, config last."""
+def gated_adapter(model: PeftModel, modules: list[GatedModule]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and adapter_config of the vanilla LoRA adapter equivalent to a gated model.
+
+    Returns:
+        (tensors keyed as PEFT saves them, the adapter_config dict).
+    """
+    tensors = get_peft_model_state_dict(model)
+    ranks: dict[str, int] = {}
+    with torch.no_grad():
+        for module in modules:
+            prefix = f"base_model.model.{module.name}"
+            for suffix in ("lora_A.weight", "lora_A.lora_gate", "lora_A.lora_mask", "lora_B.weight"):
+                tensors.pop(f"{prefix}.{suffix}", None)
+            index = module.lora_A.active_index
+            if index.numel() == 0:
+                continue
+            gate = module.lora_A.lora_gate[index].to(module.lora_A.weight.dtype)  # (k,)
+            tensors[f"{prefix}.lora_A.weight"] = (module.lora_A.weight[index] * gate[:, None]).contiguous()  # (k, in)
+            lora_b = module.lora_B.weight[:, index] * module.scaling  # (out, k)
+            tensors[f"{prefix}.lora_B.weight"] = lora_b.contiguous()
+            ranks[module.name] = int(index.numel())
+    if not ranks:
+        raise RuntimeFailure("every adapted module was pruned to rank 0; there is no adapter to write")
+    config = model.peft_config["default"].to_dict()
+    top = max(ranks.values())
+    config.update(
+        r=top,
+        lora_alpha=top,
+        rank_pattern=dict(ranks),
+        alpha_pattern=dict(ranks),
+        target_modules=sorted(ranks),
+        exclude_modules=None,
+        use_rslora=False,
+        layers_to_transform=None,
+        layers_pattern=None,
+    )
+    return tensors, config
+
+
+def _save_gated(model: PeftModel, modules: list[GatedModule], folder: Path) -> None:
+    tensors, config = gated_adapter(model, modules)
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, default=_jsonable) + "\n", encoding="utf-8")
+
+
+def _jsonable(value: Any) -> Any:
+    return sorted(value) if isinstance(value, set) else str(value)
+
+
+def write_adapter(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: str | Path,
+    gated: list[GatedModule] | None = None,
+) -> None:
+    """Saves adapter_config.json + adapter_model.safetensors (+ tokenizer) into output_dir, config last.
+
+    Args:
+        model: the trained PeftModel.
+        tokenizer: saved beside the adapter.
+        output_dir: the run's output folder.
+        gated: the gated modules of an adaptive-rank run, exported in canonical vanilla form.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / ADAPTER_CONFIG).unlink(missing_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=output_dir))
     try:
-        model.save_pretrained(staging)
+        if gated:
+            _save_gated(model, gated, staging)
+        else:
+            model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         files = sorted(staging.iterdir(), key=lambda p: p.name == ADAPTER_CONFIG)
         for path in files:

@@ -1,0 +1,170 @@
+"""L1RA: L1-regularised gates whose zeros free rank components for the modules that use theirs fully.
+
+After every optimizer step the gates take their own Adam step at a constant learning rate `eta_c`, then the true
+proximal step of the L1 norm (soft-threshold by eta_c · l1ra_lambda) and a projection onto [0, 1], so unused gates
+become exactly 0 whatever optimizer trains A and B. Every `rank_update_ratio` of the run, components whose gate is 0
+are switched off and their budget is handed out round-robin (see `budget.plan_rank_update`). A new component starts
+with gate 1, a fresh random row of A, a zero column of B (the function is unchanged) and zeroed optimizer state;
+every other component keeps its optimizer state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ranktune.allocation.budget import Budget, ModuleState, RankPlan, plan_rank_update
+from ranktune.allocation.components import GatedModule, _init_reserve_rows
+
+
+@dataclass(frozen=True)
+class L1RASettings:
+    """The L1RA knobs, named as in the reference implementation."""
+
+    l1ra_lambda: float = 1e-3
+    eta_c: float = 1e-2
+    rank_update_ratio: float = 0.1
+    prune_threshold: float = 0.0
+    reassign: bool = True
+    exclude_pruned: bool = True
+    budget: Budget = "ranks"
+    min_rank: int = 1
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, parameter: torch.Tensor, index: torch.Tensor, dim: int):
+    """Zeroes the optimizer state of some rows (dim 0) or columns (dim 1) of a parameter.
+
+    Only float state tensors shaped like the parameter (Adam's moments, SGD's momentum) can be reset per
+    component; other layouts (quantized 8-bit, factored Adafactor) keep their state. Returns True when all was reset.
+    """
+    complete = True
+    for value in optimizer.state.get(parameter, {}).values():
+        if torch.is_tensor(value) and value.shape == parameter.shape and value.is_floating_point():
+            value.index_fill_(dim, index.to(value.device), 0.0)
+        elif torch.is_tensor(value) and value.dim() > 0:
+            complete = False
+    return complete
+
+
+class L1RAStrategy:
+    """Drives the gates of the gated modules: proximal L1 steps every step, prune and reassign on schedule."""
+
+    name = "l1ra"
+
+    def __init__(self, modules: list[GatedModule], settings: L1RASettings, seed: int = 0) -> None:
+        self.modules = modules
+        self.settings = settings
+        self.gates = [m.lora_A.lora_gate for m in modules]
+        self.gate_optimizer = torch.optim.Adam(self.gates, lr=settings.eta_c)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.unspent = 0
+        self.update_every = 1
+        self.first_update = 1
+        self.total_steps = 0
+
+    def start(self, total_steps: int, warmup_steps: int) -> None:
+        """Fixes the rank-update schedule: every ratio · total steps, none at step 0 or during warm-up."""
+        self.total_steps = total_steps
+        self.update_every = max(1, int(self.settings.rank_update_ratio * total_steps))
+        self.first_update = max(self.update_every, warmup_steps)
+
+    def is_update_step(self, step: int) -> bool:
+        return step >= self.first_update and step % self.update_every == 0 and step < self.total_steps
+
+    @torch.no_grad()
+    def gate_step(self) -> None:
+        """Adam on the gates at a constant rate, then soft-threshold and projection onto [0, 1]."""
+        grads = [g.grad if g.grad is not None else torch.zeros_like(g) for g in self.gates]
+        if dist.is_available() and dist.is_initialized():
+            flat = torch.cat(grads)  # (sum of capacities,)
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            grads = list(flat.split([g.numel() for g in self.gates]))
+        for gate, grad in zip(self.gates, grads, strict=True):
+            gate.grad = grad
+        self.gate_optimizer.step()
+        shrink = self.settings.eta_c * self.settings.l1ra_lambda
+        for gate in self.gates:
+            gate.copy_(gate.sign() * (gate.abs() - shrink).clamp_min(0.0))
+            gate.clamp_(0.0, 1.0)
+            gate.grad = None
+
+    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> dict[str, Any] | None:
+        """Called after optimizer.step() and before zero_grad; returns a record when ranks were updated."""
+        self.gate_step()
+        if not self.is_update_step(step):
+            return None
+        plan = plan_rank_update(
+            [ModuleState(m.name, m.lora_A.lora_gate.detach(), m.lora_A.lora_mask, m.cost) for m in self.modules],
+            threshold=self.settings.prune_threshold,
+            min_rank=self.settings.min_rank,
+            reassign=self.settings.reassign,
+            exclude_pruned=self.settings.exclude_pruned,
+            budget=self.settings.budget,
+            carried=self.unspent,
+        )
+        self.apply(plan, optimizer)
+        return {"step": step, **self.summary(), "pruned": _count(plan.pruned), "added": _count(plan.added)}
+
+    @torch.no_grad()
+    def apply(self, plan: RankPlan, optimizer: torch.optim.Optimizer | None) -> None:
+        """Switches components off and on in place; new ones get gate 1, random A, zero B, zero optimizer state."""
+        by_name = {m.name: m for m in self.modules}
+        for name, indices in plan.pruned.items():
+            module = by_name[name]
+            module.lora_A.lora_mask[indices] = False
+            module.lora_A.lora_gate[indices] = 0.0
+        for name, indices in plan.added.items():
+            module = by_name[name]
+            index = torch.tensor(indices, dtype=torch.long, device=module.lora_A.weight.device)
+            new_rows = module.lora_A.weight.new_empty(len(indices), module.lora_A.in_features)
+            _init_reserve_rows(new_rows, 0, self.generator)
+            module.lora_A.weight[index] = new_rows
+            module.lora_B.weight[:, index] = 0.0
+            module.lora_A.lora_gate[index] = 1.0
+            module.lora_A.lora_mask[index] = True
+            if optimizer is not None:
+                reset_optimizer_state(optimizer, module.lora_A.weight, index, dim=0)
+                reset_optimizer_state(optimizer, module.lora_B.weight, index, dim=1)
+            reset_optimizer_state(self.gate_optimizer, module.lora_A.lora_gate, index, dim=0)
+        for name in set(plan.pruned) | set(plan.added):
+            by_name[name].lora_A.refresh()
+        self.unspent = plan.unspent
+
+    def summary(self) -> dict[str, Any]:
+        """Per-module rank and gate statistics, plus totals."""
+        modules = {}
+        for m in self.modules:
+            active = m.lora_A.lora_gate.detach()[m.lora_A.active_index]
+            stats = {"rank": m.rank}
+            if len(active):
+                stats.update(gate_min=float(active.min()), gate_mean=float(active.mean()), gate_max=float(active.max()))
+            modules[m.name] = stats
+        return {
+            "total_rank": sum(m.rank for m in self.modules),
+            "active_parameters": sum(m.rank * m.cost for m in self.modules),
+            "modules": modules,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs beyond the model tensors (gates and masks travel with the adapter weights)."""
+        return {
+            "settings": asdict(self.settings),
+            "gate_optimizer": self.gate_optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "unspent": self.unspent,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gate_optimizer.load_state_dict(state["gate_optimizer"])
+        self.generator.set_state(state["generator"])
+        self.unspent = int(state["unspent"])
+        for module in self.modules:
+            module.lora_A.refresh()
+
+
+def _count(per_module: dict[str, list[int]]) -> int:
+    return sum(len(v) for v in per_module.values())
