@@ -56,6 +56,12 @@ def test_issue_example_validates_as_written(tmp_path):
     assert config.output_dir == "runs/quickstart"
 
 
+@pytest.mark.parametrize("example", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")), ids=str)
+def test_every_example_config_validates(example):
+    config = load_config(example)
+    assert config.data.train.startswith("asset:") and config.model.name_or_path.startswith("asset:")
+
+
 def test_toml_and_json_are_accepted(tmp_path):
     toml = write(tmp_path, '[model]\nname_or_path = "m"\n[data]\ntrain = "t.jsonl"\n[lora]\nr = 4\n', "run.toml")
     json_file = write(tmp_path, '{"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}', "run.json")

@@ -31,6 +31,13 @@ def test_minilm_learns_rotten_tomatoes(tmp_path):
     assert after["examples"] == before["examples"] == 300
     assert after["accuracy"] >= 0.70, after  # chance is ~0.58 (the majority class); 0.8+ with the full demo
     assert after["accuracy"] > before["accuracy"] + 0.1
-    evaluation = run_cli("eval", str(out), "--data", "asset:rotten-tomatoes/test.jsonl", "--json")
+    predictions = tmp_path / "predictions.jsonl"
+    evaluation = run_cli(
+        "eval", str(out), "--data", "asset:rotten-tomatoes/test.jsonl", "--json", "--predictions", str(predictions)
+    )
     assert evaluation.returncode == 0, evaluation.stderr
-    assert json.loads(evaluation.stdout)["examples"] == 1275
+    metrics = json.loads(evaluation.stdout)
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert metrics["examples"] == len(rows) == 1275
+    assert metrics["accuracy"] == sum(r["label"] == r["prediction"] for r in rows) / len(rows)
+    assert metrics["accuracy"] >= 0.70

@@ -10,17 +10,31 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from ranktune.allocation.l1ra import L1RAConfig
     from ranktune.config import RunConfig, load_config
+    from ranktune.trainers import L1RASFTTrainer, L1RATrainer
     from ranktune.training import TrainResult, train
 
 _LAZY = {
+    "L1RAConfig": "ranktune.allocation.l1ra",
+    "L1RATrainer": "ranktune.trainers",
+    "L1RASFTTrainer": "ranktune.trainers",
     "RunConfig": "ranktune.config",
     "load_config": "ranktune.config",
     "TrainResult": "ranktune.training",
     "train": "ranktune.training",
 }
 
-__all__ = ["RunConfig", "TrainResult", "__version__", "load_config", "train"]
+__all__ = [
+    "L1RAConfig",
+    "L1RASFTTrainer",
+    "L1RATrainer",
+    "RunConfig",
+    "TrainResult",
+    "__version__",
+    "load_config",
+    "train",
+]
 
 
 def __getattr__(name: str):

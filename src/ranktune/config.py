@@ -13,10 +13,10 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ranktune.errors import UserInputError, did_you_mean
 
@@ -100,10 +100,32 @@ class LoraSettings(_Section):
         return value
 
 
-class AllocationConfig(_Section):
-    """How ranks are allocated across modules during training (`none`: plain LoRA)."""
+class NoAllocation(_Section):
+    """Plain LoRA: every module keeps the rank it was given."""
 
     method: Literal["none"] = "none"
+
+
+class L1RAAllocation(_Section):
+    """L1RA: L1-regularised gates prune rank components and hand the freed budget to modules that need it.
+
+    `max_rank` is each module's fixed capacity (default 2 × lora.r): a module can at most double its rank, which
+    covers the growth seen in the L1RA paper's runs while keeping the reserved memory to one extra LoRA's worth.
+    """
+
+    method: Literal["l1ra"]
+    l1ra_lambda: float = Field(default=1e-3, ge=0.0)
+    eta_c: float = Field(default=1e-2, gt=0.0)
+    rank_update_ratio: float = Field(default=0.1, gt=0.0, le=1.0)
+    prune_threshold: float = Field(default=0.0, ge=0.0)
+    reassign: bool = True
+    exclude_pruned: bool = True
+    budget: Literal["ranks", "params"] = "ranks"
+    max_rank: int | None = Field(default=None, gt=0)
+    min_rank: int = Field(default=1, ge=0)
+
+
+AllocationConfig = Annotated[NoAllocation | L1RAAllocation, Field(discriminator="method")]
 
 
 class RunConfig(_Section):
@@ -112,9 +134,19 @@ class RunConfig(_Section):
     model: ModelConfig
     data: DataConfig
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    allocation: AllocationConfig = Field(default_factory=AllocationConfig)
+    allocation: AllocationConfig = Field(default_factory=NoAllocation)
     training: dict[str, Any] = Field(default_factory=dict)
     output_dir: str = Field(default="runs/ranktune", min_length=1)
+
+    @model_validator(mode="after")
+    def _allocation_fits_lora(self) -> RunConfig:
+        if self.allocation.method != "none":
+            if self.lora.dora:
+                raise ValueError(f"allocation.method '{self.allocation.method}' does not support lora.dora")
+            max_rank = getattr(self.allocation, "max_rank", None)
+            if max_rank is not None and max_rank < self.lora.r:
+                raise ValueError(f"allocation.max_rank ({max_rank}) must be at least lora.r ({self.lora.r})")
+        return self
 
     @field_validator("training")
     @classmethod
@@ -274,11 +306,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def _section_at(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, str]:
     """Walks the config models along an error location; returns the model that owns the last key and its path."""
     model: type[BaseModel] | None = RunConfig
+    names: list[str] = []
+    members: dict[str, type[BaseModel]] = {}
     for part in loc[:-1]:
+        if str(part) in members:  # the tag pydantic puts in the location of a discriminated union
+            model, members = members[str(part)], {}
+            continue
+        names.append(str(part))
         field = model.model_fields.get(str(part)) if model else None
         annotation = field.annotation if field else None
+        members = {
+            str(typing.get_args(m.model_fields["method"].annotation)[0]): m
+            for m in typing.get_args(annotation)
+            if isinstance(m, type) and issubclass(m, BaseModel) and "method" in m.model_fields
+        }
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    return model, ".".join(str(p) for p in loc)
+    return model, ".".join([*names, str(loc[-1])])
 
 
 def _describe(error: dict[str, Any]) -> str:

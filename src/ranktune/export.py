@@ -11,15 +11,17 @@ the tokenizer; a crash before then leaves no adapter_config.json and nothing tha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
@@ -52,7 +54,8 @@ def gated_adapter(model: PeftModel, modules: list[GatedModule]) -> tuple[dict[st
             ranks[module.name] = int(index.numel())
     if not ranks:
         raise RuntimeFailure("every adapted module was pruned to rank 0; there is no adapter to write")
-    config = model.peft_config["default"].to_dict()
+    lora_fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    config = {k: v for k, v in model.peft_config["default"].to_dict().items() if k in lora_fields or k == "peft_type"}
     top = max(ranks.values())
     config.update(
         r=top,
@@ -80,17 +83,20 @@ def _jsonable(value: Any) -> Any:
 
 def write_adapter(
     model: PeftModel,
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: PreTrainedTokenizerBase | None,
     output_dir: str | Path,
     gated: list[GatedModule] | None = None,
+    sidecars: Callable[[Path], dict[str, Any]] | None = None,
 ) -> None:
     """Saves adapter_config.json + adapter_model.safetensors (+ tokenizer) into output_dir, config last.
 
     Args:
         model: the trained PeftModel.
-        tokenizer: saved beside the adapter.
+        tokenizer: saved beside the adapter (when given).
         output_dir: the run's output folder.
         gated: the gated modules of an adaptive-rank run, exported in canonical vanilla form.
+        sidecars: given the staged adapter folder, returns {file name: JSON payload} to write beside it (for
+            example ranktune.json), so they are in place before the adapter looks finished.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -101,19 +107,12 @@ def write_adapter(
             _save_gated(model, gated, staging)
         else:
             model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        for name, payload in (sidecars(staging) if sidecars else {}).items():
+            (staging / name).write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
         files = sorted(staging.iterdir(), key=lambda p: p.name == ADAPTER_CONFIG)
         for path in files:
             os.replace(path, output_dir / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def write_json_atomic(path: str | Path, payload: Any) -> None:
-    """Writes JSON to a temporary file beside `path`, then renames it over `path`."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        json.dump(payload, stream, indent=2, default=str)
-        stream.write("\n")
-    os.replace(temporary, path)

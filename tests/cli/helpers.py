@@ -10,11 +10,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+CONSOLE_SCRIPT = Path(sys.executable).parent / "ranktune"
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: int = 600):
-    """Runs `python -m ranktune ARGS` and returns the CompletedProcess (text output)."""
+    """Runs the installed `ranktune` console script with ARGS and returns the CompletedProcess (text output)."""
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "ranktune", *args],
+        [str(CONSOLE_SCRIPT), *args],
         cwd=cwd or REPO,
         env=full_env,
         capture_output=True,

@@ -80,7 +80,32 @@ def test_label_outside_num_labels(job, tmp_path):
     data = tmp_path / "labels.jsonl"
     data.write_text("".join(f'{{"text": "t{i}", "label": {i % 3}}}\n' for i in range(12)))
     result = run_cli("train", str(job(train=data)), "model.num_labels=2")
-    assert_clean_error(result, 2, "2")
+    assert_clean_error(result, 2, "label 2 is outside [0, 2)")
+
+
+def test_missing_text_column_lists_columns(job, tmp_path):
+    data = tmp_path / "notext.jsonl"
+    data.write_text('{"sentence": "a", "label": 1}\n' * 10)
+    assert_clean_error(run_cli("train", str(job(train=data))), 2, "'text'", "sentence", "label")
+
+
+def test_unreadable_config(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model: {name_or_path: caf\xe9}\n".encode("latin-1"))
+    assert_clean_error(run_cli("train", str(path)), 2, "cannot read config file")
+
+
+def test_earlier_run_is_not_mixed_with_a_new_one(job, tmp_path):
+    stale = tmp_path / "out" / "checkpoint-500"
+    stale.mkdir(parents=True)
+    assert_clean_error(run_cli("train", str(job())), 2, "earlier run", "checkpoint-500", "--overwrite")
+    assert stale.is_dir()
+
+
+def test_bad_batch_size_for_eval(tmp_path):
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    assert_clean_error(run_cli("eval", str(tmp_path), "--data", "x.jsonl", "--batch-size", "0"), 2, "--batch-size")
 
 
 def test_target_modules_matching_nothing_lists_linear_modules(job):

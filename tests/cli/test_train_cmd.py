@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.cli.helpers import run_cli
 from tests.conftest import save_tiny_model
@@ -86,8 +86,9 @@ def test_output_tree_and_logs(classification_run):
     assert {m["rank"] for m in info["modules"]} == {4} and len(info["modules"]) == 13  # 2 layers x 6 + pooler
     assert info["versions"]["peft"] and info["config"]["lora"]["r"] == 4
     assert info["test_after"]["examples"] == 12
-    last_eval = [e for e in events_of(out) if "eval_accuracy" in e][-1]
-    assert info["metrics"]["eval_accuracy"] == last_eval["eval_accuracy"] and last_eval["step"] == 12
+    evals = [e for e in events_of(out) if "eval_accuracy" in e]
+    assert [e["step"] for e in evals] == [6, 12]  # once per epoch, no duplicate evaluation at the end
+    assert info["metrics"]["eval_accuracy"] == evals[-1]["eval_accuracy"]
     events = events_of(out)
     train_logs = [e for e in events if "loss" in e]
     assert [e["step"] for e in train_logs] == [1, 2, 4, 6, 8, 10, 12]
@@ -185,7 +186,16 @@ def test_causal_lm_eval_generate_merge(causal_run, tmp_path):
     assert json.loads(evaluation.stdout)["loss"] == pytest.approx(info["test_after"]["loss"], rel=1e-5)
     generated = run_cli("generate", str(out), "--prompt", "say good", "--max-new-tokens", "5")
     assert generated.returncode == 0, generated.stderr
-    assert generated.stdout.strip()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "say good"}], tokenize=False, add_generation_prompt=True
+    )  # trained on chat: generate uses the template
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out).eval()
+    with torch.no_grad():
+        expected = peft_model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    new_tokens = expected[0, inputs["input_ids"].shape[1] :]
+    assert generated.stdout == tokenizer.decode(new_tokens, skip_special_tokens=True) + "\n"
 
     merged_dir = tmp_path / "merged"
     merged = run_cli("merge", str(out), "--out", str(merged_dir))

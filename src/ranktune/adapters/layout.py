@@ -41,6 +41,15 @@ class ModuleRank:
         return {**asdict(self), "parameters": self.parameters}
 
 
+def module_totals(modules: list[ModuleRank]) -> dict[str, int]:
+    """Module count, total rank and LoRA parameter count of an adapter."""
+    return {
+        "module_count": len(modules),
+        "total_rank": sum(m.rank for m in modules),
+        "adapter_parameters": sum(m.parameters for m in modules),
+    }
+
+
 def read_module_ranks(adapter_dir: str | Path) -> list[ModuleRank]:
     """Reads lora_A ([r, in]) and lora_B ([out, r]) shapes from adapter_model.safetensors, in module order."""
     shapes: dict[str, dict[str, list[int]]] = {}

@@ -10,11 +10,12 @@ every other component keeps its optimizer state.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from peft import LoraConfig
 
 from ranktune.allocation.budget import Budget, ModuleState, RankPlan, plan_rank_update
 from ranktune.allocation.components import GatedModule, _init_reserve_rows
@@ -32,6 +33,36 @@ class L1RASettings:
     exclude_pruned: bool = True
     budget: Budget = "ranks"
     min_rank: int = 1
+
+
+@dataclass
+class L1RAConfig(LoraConfig):
+    """A `peft.LoraConfig` plus the L1RA knobs: the drop-in config of `L1RATrainer` / `L1RASFTTrainer`.
+
+    `max_rank` is each module's fixed capacity (default 2 × r); the rest are as in `L1RASettings`.
+    """
+
+    l1ra_lambda: float = 1e-3
+    eta_c: float = 1e-2
+    rank_update_ratio: float = 0.1
+    prune_threshold: float = 0.0
+    reassign: bool = True
+    exclude_pruned: bool = True
+    budget: Budget = "ranks"
+    max_rank: int | None = None
+    min_rank: int = 1
+
+    def lora_config(self) -> LoraConfig:
+        """The plain LoraConfig part, which PEFT wraps the model with."""
+        lora_fields = {f.name for f in fields(LoraConfig) if f.init}
+        return LoraConfig(**{k: v for k, v in self.__dict__.items() if k in lora_fields})
+
+    def settings(self) -> L1RASettings:
+        return L1RASettings(**{f.name: getattr(self, f.name) for f in fields(L1RASettings)})
+
+    @property
+    def capacity(self) -> int:
+        return self.max_rank or 2 * self.r
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, parameter: torch.Tensor, index: torch.Tensor, dim: int):
@@ -107,7 +138,8 @@ class L1RAStrategy:
             carried=self.unspent,
         )
         self.apply(plan, optimizer)
-        return {"step": step, **self.summary(), "pruned": _count(plan.pruned), "added": _count(plan.added)}
+        record = {"step": step, **self.summary(), "pruned": _count(plan.pruned), "added": _count(plan.added)}
+        return {**record, "unspent": self.unspent}
 
     @torch.no_grad()
     def apply(self, plan: RankPlan, optimizer: torch.optim.Optimizer | None) -> None:

@@ -42,6 +42,8 @@ def write_predictions(path: Path, predictions, labels, label_names: list[str]) -
 
 def run(args: argparse.Namespace) -> int:
     read_adapter_config(Path(args.adapter_dir))  # refuse a wrong folder before importing torch
+    if args.batch_size <= 0:
+        raise UserInputError(f"--batch-size must be > 0, got {args.batch_size}")
     from datasets import DatasetDict
 
     from ranktune import assets

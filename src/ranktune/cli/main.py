@@ -54,6 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a failure we did not foresee: still one line, exit 1 (--debug shows the traceback)
+        if args.debug:
+            raise
+        print(f"error: {type(error).__name__}: {error} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ from ranktune.config import RunConfig
 from ranktune.errors import UserInputError
 
 
-def _mixed_precision() -> dict[str, bool]:
-    """bf16 where the GPU supports it; nothing on CPU (where it is slower, not faster)."""
+def _mixed_precision(user: dict[str, Any]) -> dict[str, bool]:
+    """bf16 where the GPU supports it and the user chose no precision; nothing on CPU (slower there, not faster)."""
+    if "bf16" in user or "fp16" in user:
+        return {}
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return {"bf16": True}
     return {}
@@ -39,7 +41,7 @@ def default_training_values(config: RunConfig, has_validation: bool) -> dict[str
         "label_names": ["labels"],
         "train_sampling_strategy": "random" if config.data.packing else "group_by_length",
         "seed": 42,
-        **_mixed_precision(),
+        **_mixed_precision(config.training),
     }
     return {**defaults, **config.training}
 

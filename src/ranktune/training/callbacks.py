@@ -73,6 +73,10 @@ class StopOnSignal(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.restore()
+
+    def restore(self) -> None:
+        """Puts the previous handlers back (also when training raised, so a caller's Ctrl-C works again)."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()

@@ -3,27 +3,32 @@
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ranktune.adapters.layout import ADAPTER_CONFIG, RUN_INFO, read_module_ranks
+from ranktune.adapters.layout import ADAPTER_CONFIG, RUN_INFO, module_totals, read_module_ranks
+from ranktune.allocation.callback import RANK_HISTORY
 from ranktune.config import RunConfig
 from ranktune.errors import UserInputError
-from ranktune.export import write_json_atomic
 
 RESOLVED_CONFIG = "config.yaml"
 METRICS_LOG = "metrics.jsonl"
 _PACKAGES = ("ranktune", "torch", "transformers", "peft", "datasets", "accelerate", "trl", "bitsandbytes")
 
 
-def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> Path:
-    """Creates output_dir and checks that it is writable and holds no finished adapter we would silently replace.
+def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool, main_process: bool = True) -> Path:
+    """Creates output_dir and checks that it is writable and holds nothing a new run would silently mix with.
+
+    A finished adapter or checkpoints of an earlier run are refused unless the user resumes (checkpoints are then
+    the point) or overwrites (then they are removed, so neither an old adapter nor an old checkpoint survives).
 
     Raises:
-        UserInputError: not writable, or already holds an adapter (without --overwrite or --resume).
+        UserInputError: not writable, or holds an earlier run's results without --overwrite or --resume.
     """
     path = Path(output_dir)
     try:
@@ -33,13 +38,20 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> Path:
         probe.unlink()
     except OSError as error:
         raise UserInputError(f"output_dir '{path}' is not writable: {error.strerror or error}") from None
-    if (path / ADAPTER_CONFIG).exists() and not (resume or overwrite):
+    if resume or not main_process:
+        return path
+    earlier = [p.name for p in path.glob(f"{PREFIX_CHECKPOINT_DIR}-*")]
+    if (path / ADAPTER_CONFIG).exists():
+        earlier.insert(0, ADAPTER_CONFIG)
+    if earlier and not overwrite:
         raise UserInputError(
-            f"output_dir '{path}' already holds a trained adapter; choose another output_dir, "
-            "or pass --overwrite to replace it"
+            f"output_dir '{path}' holds an earlier run ({', '.join(sorted(earlier)[:3])}); choose another "
+            "output_dir, pass --resume to continue it, or --overwrite to replace it"
         )
-    if not resume:
-        (path / METRICS_LOG).unlink(missing_ok=True)
+    for name in (ADAPTER_CONFIG, RUN_INFO, METRICS_LOG, RANK_HISTORY):
+        (path / name).unlink(missing_ok=True)
+    for checkpoint in path.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        shutil.rmtree(checkpoint)
     return path
 
 
@@ -59,17 +71,14 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def write_run_info(output_dir: Path, config: RunConfig, extra: dict[str, Any]) -> dict[str, Any]:
-    """Writes ranktune.json: resolved config, versions, final metrics and the rank of every adapted module."""
-    modules = [module.to_dict() for module in read_module_ranks(output_dir)]
-    info = {
+def run_info(adapter_folder: Path, config: RunConfig, extra: dict[str, Any]) -> dict[str, Any]:
+    """ranktune.json's content: resolved config, versions, final metrics and the rank of every adapted module."""
+    modules = read_module_ranks(adapter_folder)
+    return {
         "config": config.model_dump(mode="json"),
         "versions": package_versions(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
-        "modules": modules,
-        "total_rank": sum(m["rank"] for m in modules),
-        "adapter_parameters": sum(m["parameters"] for m in modules),
+        "modules": [module.to_dict() for module in modules],
+        **module_totals(modules),
     }
-    write_json_atomic(output_dir / RUN_INFO, info)
-    return info

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, Trainer
+from transformers import AutoConfig, Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from ranktune.adapters.layout import RUN_INFO
 from ranktune.adapters.lora import attach_lora
 from ranktune.config import DataConfig, RunConfig
 from ranktune.data import build_collator, detect_format, load_splits, prepare_causal_lm, prepare_classification
@@ -17,9 +19,10 @@ from ranktune.errors import RanktuneError, UserInputError
 from ranktune.evaluation import evaluate, trainer_classification_metrics
 from ranktune.export import write_adapter
 from ranktune.models import load_base_model, load_tokenizer, resolve_model_path
+from ranktune.training.allocation import attach_allocation
 from ranktune.training.arguments import build_training_arguments
 from ranktune.training.callbacks import MetricsLogger, StopOnSignal
-from ranktune.training.outputs import METRICS_LOG, prepare_output_dir, save_resolved_config, write_run_info
+from ranktune.training.outputs import METRICS_LOG, prepare_output_dir, run_info, save_resolved_config
 
 
 class TrainingInterrupted(RanktuneError):
@@ -37,6 +40,11 @@ class TrainResult:
     test_before: dict[str, Any] | None = None
     test_after: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def _launched_as_main() -> bool:
+    """Whether this is the main process of a torchrun / accelerate launch (or a single process)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _log(message: str) -> None:
@@ -87,15 +95,17 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
         UserInputError: bad config, data or paths.
         TrainingInterrupted: a signal stopped training; a checkpoint was saved.
     """
-    output_dir = prepare_output_dir(config.output_dir, resume, overwrite)
+    output_dir = prepare_output_dir(config.output_dir, resume, overwrite, main_process=_launched_as_main())
     checkpoint = None
     if resume:
         checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
         if checkpoint is None:
             raise UserInputError(f"--resume: no checkpoint-N folder in '{output_dir}' to resume from")
-    save_resolved_config(config, output_dir)
+    if _launched_as_main():
+        save_resolved_config(config, output_dir)
     task = config.model.task
 
+    set_seed(int(config.training.get("seed", 42)))  # the new head and LoRA's A are drawn before the Trainer seeds
     model_path = resolve_model_path(config.model.name_or_path)
     data = _resolve_data_paths(config.data)
     tokenizer = load_tokenizer(model_path, config.model)
@@ -108,6 +118,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
     trainable, total = model.get_nb_trainable_parameters()
     _log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
+    allocation = attach_allocation(model, config, output_dir)
     collator = build_collator(tokenizer, task, packing=data.packing)
     num_labels = len(label_names) if label_names else None
     stopper = StopOnSignal()
@@ -121,18 +132,29 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
         compute_metrics=trainer_classification_metrics(num_labels) if num_labels else None,
         callbacks=[stopper],
     )
+    # First in line, so the values they add to a log event reach metrics.jsonl and the console.
     trainer.callback_handler.callbacks.insert(0, MetricsLogger(output_dir / METRICS_LOG, task == "causal_lm"))
+    if allocation:
+        trainer.callback_handler.callbacks.insert(0, allocation.callback)
+    main_process = trainer.is_world_process_zero()
 
     test = datasets.get("test")
     eval_batch = args.per_device_eval_batch_size
 
     def test_metrics() -> dict[str, Any] | None:
-        return evaluate(model, test, collator, task, num_labels, eval_batch) if test is not None else None
+        if test is None or not main_process:
+            return None
+        return evaluate(model, test, collator, task, num_labels, eval_batch)
 
     test_before = None if resume else test_metrics()
     if test_before:
         _log(f"test before training: {_format_metrics(test_before)}")
-    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    if allocation and checkpoint:
+        allocation.callback.resume_from = checkpoint
+    try:
+        train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        stopper.restore()
     if stopper.received is not None:
         last = get_last_checkpoint(str(output_dir))
         raise TrainingInterrupted(
@@ -143,21 +165,26 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
     test_after = test_metrics()
     if test_after:
         _log(f"test after training:  {_format_metrics(test_after)}")
+    if not main_process:
+        return TrainResult(output_dir, metrics)
 
-    write_adapter(model, tokenizer, output_dir)
-    info = write_run_info(
-        output_dir,
-        config,
-        {
-            "task": task,
-            "base_model_path": model_path,
-            "label_names": label_names,
-            "data_format": data_format,
-            "trainable_parameters": trainable,
-            "metrics": metrics,
-            "test_before": test_before,
-            "test_after": test_after,
-        },
-    )
+    extra = {
+        "task": task,
+        "base_model_path": model_path,
+        "label_names": label_names,
+        "data_format": data_format,
+        "allocation": config.allocation.method,
+        "trainable_parameters": trainable,
+        "metrics": metrics,
+        "test_before": test_before,
+        "test_after": test_after,
+    }
+    info: dict[str, Any] = {}
+
+    def sidecars(staged: Path) -> dict[str, Any]:
+        info.update(run_info(staged, config, extra))
+        return {RUN_INFO: info}
+
+    write_adapter(model, tokenizer, output_dir, gated=allocation.modules if allocation else None, sidecars=sidecars)
     _log(f"adapter saved to {output_dir}")
     return TrainResult(output_dir, metrics, test_before, test_after, info)

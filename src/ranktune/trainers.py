@@ -1,0 +1,80 @@
+"""Drop-in trainers for L1RA: `L1RATrainer` (transformers' Trainer) and `L1RASFTTrainer` (TRL's SFTTrainer).
+
+Pass `peft_config=L1RAConfig(...)` as you would a LoraConfig. The trainer wraps the model with LoRA, installs the
+gated fixed-capacity components, and drives L1RA with `AllocationCallback`. Checkpoints hold the gates, masks and
+L1RA state, so `save_strategy` can stay at its default and `train(resume_from_checkpoint=...)` continues exactly.
+`save_model()` writes the canonical vanilla PEFT adapter (gates folded in, inactive components dropped).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel, get_peft_model
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTTrainer
+
+from ranktune.allocation.callback import RANK_HISTORY, AllocationCallback
+from ranktune.allocation.components import install_gates
+from ranktune.allocation.l1ra import L1RAConfig, L1RAStrategy
+from ranktune.export import write_adapter
+
+
+def _attach_l1ra(trainer: Trainer, config: L1RAConfig) -> AllocationCallback:
+    """Installs gates on the trainer's (already LoRA-wrapped) model and registers the L1RA callback first."""
+    modules = install_gates(trainer.model, config.capacity)
+    strategy = L1RAStrategy(modules, config.settings(), seed=trainer.args.seed)
+    callback = AllocationCallback(strategy, Path(trainer.args.output_dir) / RANK_HISTORY)
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback
+
+
+def _resume_path(trainer: Trainer, resume_from_checkpoint: str | bool | None) -> str | None:
+    if resume_from_checkpoint is True:
+        return get_last_checkpoint(trainer.args.output_dir)
+    return resume_from_checkpoint or None
+
+
+def _export(trainer: Trainer, output_dir: str | None) -> None:
+    """The final adapter in canonical vanilla PEFT form, written by the main process only."""
+    if trainer.is_world_process_zero():
+        modules = trainer.l1ra.strategy.modules
+        write_adapter(trainer.model, trainer.processing_class, output_dir or trainer.args.output_dir, modules)
+
+
+class L1RATrainer(Trainer):
+    """transformers.Trainer with L1RA: `L1RATrainer(model=..., args=..., peft_config=L1RAConfig(...), ...)`."""
+
+    def __init__(self, model: Any = None, *args: Any, peft_config: L1RAConfig, **kwargs: Any) -> None:
+        if not isinstance(model, PeftModel):
+            model = get_peft_model(model, peft_config.lora_config())
+        super().__init__(model, *args, **kwargs)
+        self.l1ra = _attach_l1ra(self, peft_config)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        self.l1ra.resume_from = _resume_path(self, resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if _internal_call:  # checkpoints keep gates and masks, for an exact resume
+            return super().save_model(output_dir, _internal_call)
+        return _export(self, output_dir)
+
+
+class L1RASFTTrainer(SFTTrainer):
+    """trl.SFTTrainer with L1RA: `L1RASFTTrainer(model=..., args=SFTConfig(...), peft_config=L1RAConfig(...))`."""
+
+    def __init__(self, model: Any = None, *args: Any, peft_config: L1RAConfig, **kwargs: Any) -> None:
+        super().__init__(model, *args, peft_config=peft_config.lora_config(), **kwargs)
+        self.l1ra = _attach_l1ra(self, peft_config)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        self.l1ra.resume_from = _resume_path(self, resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        return _export(self, output_dir)
