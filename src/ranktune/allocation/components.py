@@ -5,9 +5,11 @@ off in a boolean mask, never by creating tensors, so the optimizer state of ever
 sees the same parameters at every step, and checkpoints resume exactly. The forward pass uses only the active
 components (a slice when they are a prefix, a gather otherwise), so compute follows the active rank.
 
-The gate and the mask are buffers named `lora_gate` / `lora_mask` on the `lora_A` module: PEFT's checkpoint saving
-keeps every `lora_` tensor, so they travel with the adapter weights. The gate is a buffer that requires grad: the
-Trainer's optimizer (built from named_parameters) leaves it alone, and the allocation strategy steps it itself.
+The gate (a parameter) and the mask (a buffer) are named `lora_gate` / `lora_mask` on the `lora_A` module: PEFT's
+checkpoint saving keeps every `lora_` tensor, so they travel with the adapter weights. The gate is created with
+requires_grad False, so the Trainer's optimizer and DDP's gradient reducer (both built from the parameters that
+require grad when training starts) leave it out; the allocation strategy switches its gradient on in
+`on_train_begin`, then steps it and reduces it across processes itself.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class GatedLoraA(nn.Linear):
 
     def __init__(self, in_features: int, capacity: int, device=None, dtype=None) -> None:
         super().__init__(in_features, capacity, bias=False, device=device, dtype=dtype)
-        self.register_buffer("lora_gate", torch.ones(capacity, device=device).requires_grad_(True))
+        self.lora_gate = nn.Parameter(torch.ones(capacity, device=device), requires_grad=False)
         self.register_buffer("lora_mask", torch.zeros(capacity, dtype=torch.bool, device=device))
         self.active_index = torch.zeros(0, dtype=torch.long)
         self.prefix: int | None = 0

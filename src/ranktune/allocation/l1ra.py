@@ -97,7 +97,11 @@ class L1RAStrategy:
         self.total_steps = 0
 
     def start(self, total_steps: int, warmup_steps: int) -> None:
-        """Fixes the rank-update schedule: every ratio · total steps, none at step 0 or during warm-up."""
+        """Switches the gates' gradients on and fixes the rank-update schedule: every ratio · total steps, none at
+        step 0 or during warm-up. Called once the Trainer has built its optimizer (which must not hold the gates).
+        """
+        for gate in self.gates:
+            gate.requires_grad_(True)
         self.total_steps = total_steps
         self.update_every = max(1, int(self.settings.rank_update_ratio * total_steps))
         self.first_update = max(self.update_every, warmup_steps)
