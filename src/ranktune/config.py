@@ -226,7 +226,9 @@ def check_training_arguments(values: dict[str, Any]) -> dict[str, Any]:
         ValueError: naming the first bad key and what it expects (pydantic turns it into a config error).
     """
     fields = _training_fields()
-    hints = typing.get_type_hints(_training_owner(), include_extras=False)
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments, include_extras=False)
     checked: dict[str, Any] = {}
     for key, value in rename_training_aliases(values).items():
         if key in _RESERVED_TRAINING_KEYS:
@@ -245,12 +247,6 @@ def check_training_arguments(values: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"'{key}' expects {expected}, got {type(value).__name__} {value!r}")
         checked[key] = value
     return checked
-
-
-def _training_owner() -> type:
-    from transformers import TrainingArguments
-
-    return TrainingArguments
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:

@@ -13,6 +13,12 @@ from torch.utils.data import DataLoader
 from transformers import EvalPrediction, PreTrainedModel
 
 from ranktune.config import Task
+from ranktune.data.causal_lm import IGNORE_INDEX
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so a diverged run reports a huge number instead of overflowing."""
+    return math.exp(min(loss, 50.0))
 
 
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
@@ -70,12 +76,12 @@ def causal_lm_loss(
         logits = model(**batch).logits.float()  # (B, T, V)
         targets = labels[:, 1:]  # (B, T-1)
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum"
+            logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
         )
         total_loss += loss.item()
-        total_tokens += int((targets != -100).sum())
+        total_tokens += int((targets != IGNORE_INDEX).sum())
     mean = total_loss / max(total_tokens, 1)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": total_tokens}
+    return {"loss": mean, "perplexity": perplexity(mean), "tokens": total_tokens}
 
 
 def evaluate(

@@ -1,4 +1,5 @@
-"""Human-readable views of an adapter's ranks: a per-module table and a layers × module-type heatmap."""
+"""Human-readable views of an adapter's ranks: a per-module table, a layers × module-type heatmap, and how the
+ranks of an adaptive-rank run moved over training (from rank_history.jsonl)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ranktune.adapters.layout import ModuleRank
+from ranktune.adapters.layout import ModuleRank, module_totals
 
 
 def rank_table(modules: list[ModuleRank]) -> str:
@@ -15,9 +16,11 @@ def rank_table(modules: list[ModuleRank]) -> str:
     for m in modules:
         layer = "-" if m.layer is None else str(m.layer)
         rows.append(f"{layer:>5}  {m.module_type:<14} {m.rank:>5} {m.parameters:>10,}  {m.module}")
-    total_rank = sum(m.rank for m in modules)
-    total_params = sum(m.parameters for m in modules)
-    rows.append(f"total: {len(modules)} modules, rank {total_rank}, {total_params:,} LoRA parameters")
+    totals = module_totals(modules)
+    rows.append(
+        f"total: {totals['module_count']} modules, rank {totals['total_rank']}, "
+        f"{totals['adapter_parameters']:,} LoRA parameters"
+    )
     return "\n".join(rows)
 
 
@@ -32,15 +35,54 @@ def rank_grid(modules: list[ModuleRank]) -> tuple[list[int], list[str], np.ndarr
     return layers, types, grid
 
 
-def plot_rank_heatmap(modules: list[ModuleRank], path: str | Path, title: str = "LoRA rank per module") -> Path:
-    """Writes a PNG heatmap of `rank_grid`."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    _pyplot().close(figure)
+    return path
+
+
+def rank_evolution(history: list[dict]) -> tuple[list[int], dict[str, list[float]]]:
+    """Mean rank per module type at every recorded step (the last path component names the type)."""
+    steps = [record["step"] for record in history]
+    series: dict[str, list[float]] = {}
+    for record in history:
+        by_type: dict[str, list[int]] = {}
+        for name, stats in record["modules"].items():
+            by_type.setdefault(name.rsplit(".", 1)[-1], []).append(stats["rank"])
+        for module_type, ranks in by_type.items():
+            series.setdefault(module_type, []).append(sum(ranks) / len(ranks))
+    return steps, series
+
+
+def plot_rank_evolution(history: list[dict], path: str | Path) -> Path:
+    """Writes a PNG of the mean rank per module type over optimizer steps."""
+    steps, series = rank_evolution(history)
+    figure, axes = _pyplot().subplots(figsize=(7, 4))
+    for module_type, values in sorted(series.items()):
+        axes.step(steps, values, where="post", label=module_type)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("mean rank")
+    axes.set_title("Rank per module type during training")
+    axes.legend(fontsize="small", ncol=2)
+    return _save(figure, path)
+
+
+def plot_rank_heatmap(modules: list[ModuleRank], path: str | Path, title: str = "LoRA rank per module") -> Path:
+    """Writes a PNG heatmap of `rank_grid`."""
     layers, types, grid = rank_grid(modules)
-    figure, axes = plt.subplots(figsize=(1.2 + 0.9 * max(len(types), 1), 1.2 + 0.35 * max(len(layers), 1)))
+    figure, axes = _pyplot().subplots(figsize=(1.2 + 0.9 * max(len(types), 1), 1.2 + 0.35 * max(len(layers), 1)))
     image = axes.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     axes.set_xticks(range(len(types)), types, rotation=45, ha="right")
     axes.set_yticks(range(len(layers)), [str(layer) for layer in layers])
@@ -48,9 +90,4 @@ def plot_rank_heatmap(modules: list[ModuleRank], path: str | Path, title: str = 
     axes.set_ylabel("layer")
     axes.set_title(title)
     figure.colorbar(image, ax=axes, label="rank")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, path)

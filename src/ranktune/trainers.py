@@ -16,7 +16,8 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
-from ranktune.allocation.callback import RANK_HISTORY, AllocationCallback
+from ranktune.adapters.layout import RANK_HISTORY
+from ranktune.allocation.callback import AllocationCallback
 from ranktune.allocation.components import install_gates
 from ranktune.allocation.l1ra import L1RAConfig, L1RAStrategy
 from ranktune.export import write_adapter

@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from ranktune.config import validate_config
+from ranktune.reports import rank_evolution
 from ranktune.training import train
+from tests.cli.helpers import run_cli
 from tests.training.test_run import text_config
 
 L1RA = {"method": "l1ra", "l1ra_lambda": 2.0, "eta_c": 0.05, "rank_update_ratio": 0.125, "max_rank": 8}
@@ -49,6 +51,13 @@ def test_ranks_move_total_is_conserved_and_export_loads(make_model_dir, tmp_path
     assert info["allocation"] == "l1ra"
     train_logs = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert next(e["active_rank"] for e in train_logs if "loss" in e) == 40
+    shown = run_cli("inspect", str(result.output_dir), "--plot", str(tmp_path / "ranks.png"))
+    assert shown.returncode == 0, shown.stderr
+    for png in ("ranks.png", "ranks-evolution.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG" and f"plot: {tmp_path / png}" in shown.stdout
+    steps, series = rank_evolution(records)
+    assert steps == [r["step"] for r in records] and series["q_proj"][0] == 4.0
+    assert series["q_proj"][-1] == sum(final[f"model.layers.{i}.self_attn.q_proj"] for i in range(2)) / 2
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), result.output_dir)
     with torch.no_grad():
         assert torch.isfinite(peft_model(torch.tensor([[5, 6, 7, 8]])).logits).all()

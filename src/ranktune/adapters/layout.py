@@ -18,6 +18,7 @@ from ranktune.errors import UserInputError
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RUN_INFO = "ranktune.json"
+RANK_HISTORY = "rank_history.jsonl"
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 

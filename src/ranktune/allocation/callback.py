@@ -17,7 +17,6 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ranktune.allocation.l1ra import L1RAStrategy
 
-RANK_HISTORY = "rank_history.jsonl"
 ALLOCATION_STATE = "allocation_state.pt"
 
 

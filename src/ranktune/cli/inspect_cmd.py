@@ -12,14 +12,18 @@ from ranktune.errors import UserInputError
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("inspect", help="show the rank of every adapted module")
     parser.add_argument("adapter_dir")
-    parser.add_argument("--plot", metavar="FILE.png", help="also write a layers × module-type heatmap")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also write a layers × module-type heatmap (and FILE-evolution.png when the run logged rank history)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ranktune.adapters.layout import read_adapter_config, read_module_ranks
-    from ranktune.reports import plot_rank_heatmap, rank_table
+    from ranktune.adapters.layout import RANK_HISTORY, module_totals, read_adapter_config, read_module_ranks
+    from ranktune.reports import plot_rank_evolution, plot_rank_heatmap, rank_table
 
     adapter_dir = Path(args.adapter_dir)
     read_adapter_config(adapter_dir)
@@ -27,18 +31,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--plot expects a .png file name, got '{args.plot}'")
     modules = read_module_ranks(adapter_dir)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "adapter": str(adapter_dir),
-                    "modules": [m.to_dict() for m in modules],
-                    "total_rank": sum(m.rank for m in modules),
-                    "parameters": sum(m.parameters for m in modules),
-                }
-            )
-        )
+        report = {"adapter": str(adapter_dir), "modules": [m.to_dict() for m in modules], **module_totals(modules)}
+        print(json.dumps(report))
     else:
         print(rank_table(modules))
     if args.plot:
         print(f"plot: {plot_rank_heatmap(modules, args.plot)}")
+        history_path = adapter_dir / RANK_HISTORY
+        if history_path.is_file():
+            history = [json.loads(line) for line in history_path.read_text(encoding="utf-8").splitlines()]
+            evolution = Path(args.plot).with_name(Path(args.plot).stem + "-evolution.png")
+            print(f"plot: {plot_rank_evolution(history, evolution)}")
     return 0

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from trl import pack_dataset
 
 from ranktune.config import DataConfig
-from ranktune.data.sources import require_columns
+from ranktune.data.sources import require_columns, require_texts
 from ranktune.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -141,7 +141,9 @@ def _text_examples(split: Dataset, name: str, tokenizer: PreTrainedTokenizerBase
     """One row per non-empty document: its tokens + EOS, labels = input_ids."""
 
     def encode(batch: dict[str, list[Any]], rows: list[int]) -> dict[str, list[list[int]]]:
-        texts = [text for text in _strings(batch[config.text_column], name, config.text_column, rows) if text.strip()]
+        texts = [
+            text for text in require_texts(batch[config.text_column], name, config.text_column, rows) if text.strip()
+        ]
         ids = [_with_eos(doc, tokenizer) for doc in tokenizer(texts)["input_ids"]] if texts else []
         return {"input_ids": ids, "labels": ids}
 
@@ -158,9 +160,10 @@ def _prompt_completion_examples(
     (the prompt fills max_length) are dropped."""
 
     def encode(batch: dict[str, list[Any]], rows: list[int]) -> dict[str, list[list[int]]]:
-        prompts = tokenizer(_strings(batch[config.prompt_column], name, config.prompt_column, rows))["input_ids"]
+        prompts = tokenizer(require_texts(batch[config.prompt_column], name, config.prompt_column, rows))["input_ids"]
         completions = tokenizer(
-            _strings(batch[config.completion_column], name, config.completion_column, rows), add_special_tokens=False
+            require_texts(batch[config.completion_column], name, config.completion_column, rows),
+            add_special_tokens=False,
         )["input_ids"]
         out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
         for prompt, completion in zip(prompts, completions, strict=True):
@@ -256,13 +259,6 @@ def _messages(value: Any, split: str, column: str, row: int) -> list[dict[str, A
             f'{{"role": ..., "content": ...}}, got {value!r:.200}'
         )
     return value
-
-
-def _strings(values: list[Any], split: str, column: str, rows: list[int]) -> list[str]:
-    for value, row in zip(values, rows, strict=True):
-        if not isinstance(value, str):
-            raise UserInputError(f"the {split} split, example {row}: column '{column}' must hold text, got {value!r}")
-    return values
 
 
 def _with_eos(ids: list[int], tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -14,7 +14,7 @@ from datasets import ClassLabel, Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
 from ranktune.config import DataConfig
-from ranktune.data.sources import require_columns
+from ranktune.data.sources import require_columns, require_texts
 from ranktune.errors import UserInputError
 
 
@@ -87,10 +87,10 @@ def _tokenize(
     split: Dataset, name: str, tokenizer: PreTrainedTokenizerBase, config: DataConfig, class_ids: dict[str, int]
 ) -> Dataset:
     def encode(batch: dict[str, list[Any]], rows: list[int]) -> dict[str, list[Any]]:
-        texts = _texts(batch[config.text_column], name, config.text_column, rows)
+        texts = require_texts(batch[config.text_column], name, config.text_column, rows)
         pairs = None
         if config.text_pair_column:
-            pairs = _texts(batch[config.text_pair_column], name, config.text_pair_column, rows)
+            pairs = require_texts(batch[config.text_pair_column], name, config.text_pair_column, rows)
         encoded = dict(tokenizer(texts, pairs, truncation=True, max_length=config.max_length))
         labels = batch[config.label_column]
         encoded["labels"] = [
@@ -100,13 +100,6 @@ def _tokenize(
         return encoded
 
     return split.map(encode, batched=True, with_indices=True, remove_columns=split.column_names)
-
-
-def _texts(values: list[Any], split: str, column: str, rows: list[int]) -> list[str]:
-    for value, row in zip(values, rows, strict=True):
-        if not isinstance(value, str):
-            raise UserInputError(f"the {split} split, example {row}: column '{column}' must hold text, got {value!r}")
-    return values
 
 
 def _label_value(value: Any, split: str, column: str, row: int) -> str | int:

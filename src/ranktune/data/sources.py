@@ -8,6 +8,7 @@ line reports it in one line instead of a datasets traceback.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset
 from datasets.exceptions import DatasetsError
@@ -137,3 +138,15 @@ def _root_cause(error: BaseException) -> str:
     while error.__cause__ is not None:
         error = error.__cause__
     return str(error) or type(error).__name__
+
+
+def require_texts(values: list[Any], split: str, column: str, rows: list[int]) -> list[str]:
+    """Returns the column's values, refusing a non-text one with the split, example number and column named.
+
+    Raises:
+        UserInputError: a value that is not a string.
+    """
+    for value, row in zip(values, rows, strict=True):
+        if not isinstance(value, str):
+            raise UserInputError(f"the {split} split, example {row}: column '{column}' must hold text, got {value!r}")
+    return values

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from ranktune.allocation.callback import RANK_HISTORY, AllocationCallback
+from ranktune.adapters.layout import RANK_HISTORY
+from ranktune.allocation.callback import AllocationCallback
 from ranktune.allocation.components import GatedModule, install_gates
 from ranktune.allocation.l1ra import L1RASettings, L1RAStrategy
 from ranktune.config import RunConfig

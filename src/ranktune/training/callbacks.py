@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import signal
 import time
 from pathlib import Path
@@ -11,6 +10,8 @@ from types import FrameType
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ranktune.evaluation import perplexity
 
 
 class MetricsLogger(TrainerCallback):
@@ -40,7 +41,7 @@ class MetricsLogger(TrainerCallback):
                 logs["tokens_per_second"] = round(tokens / elapsed, 1)
             self._last_time, self._last_tokens = now, state.num_input_tokens_seen
         if self.causal_lm and "eval_loss" in logs:
-            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+            logs["eval_perplexity"] = perplexity(logs["eval_loss"])
         record: dict[str, Any] = {"step": state.global_step, "time": time.time(), **logs}
         with self.path.open("a", encoding="utf-8") as stream:
             stream.write(json.dumps(record, default=float) + "\n")

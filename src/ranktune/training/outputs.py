@@ -11,8 +11,7 @@ from typing import Any
 import yaml
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ranktune.adapters.layout import ADAPTER_CONFIG, RUN_INFO, module_totals, read_module_ranks
-from ranktune.allocation.callback import RANK_HISTORY
+from ranktune.adapters.layout import ADAPTER_CONFIG, RANK_HISTORY, RUN_INFO, module_totals, read_module_ranks
 from ranktune.config import RunConfig
 from ranktune.errors import UserInputError
 
