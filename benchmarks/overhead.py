@@ -1,0 +1,164 @@
+"""Step time and peak memory of ranktune's methods against PEFT LoRA on a plain transformers Trainer.
+
+Each (variant, repetition) runs in its own process, so peak memory is per variant; repetitions are interleaved
+(A B C A B C ...) so drift in machine load hits every variant alike. Reports the median step time over the timed
+steps of all repetitions and the median peak memory (CUDA: max allocated; CPU: max resident set size), each with its
+ratio to the baseline, and writes docs/benchmarks.md.
+
+    python benchmarks/overhead.py [--models tiny smollm2-135m] [--steps 12] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = ("peft-lora-baseline", "ranktune-lora", "ranktune-l1ra")
+SHAPES = {"tiny": (8, 128), "smollm2-135m": (4, 256)}  # (batch, sequence length)
+WARMUP_STEPS = 2
+
+
+def build_model(name: str, folder: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    if name == "tiny":
+        config = LlamaConfig(
+            vocab_size=2048,
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+        )
+        return AutoModelForCausalLM.from_config(config)
+    from ranktune import assets
+
+    return AutoModelForCausalLM.from_pretrained(assets.fetch(name))
+
+
+def measure(variant: str, model_name: str, steps: int, out: Path) -> dict:
+    """One process: builds the variant, trains `steps` optimizer steps, returns step times and peak memory."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    batch, length = SHAPES[model_name]
+    model = build_model(model_name, out)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, model.config.vocab_size, (batch * steps, length), generator=generator)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps,
+                             learning_rate=1e-4, report_to="none", save_strategy="no", logging_steps=10**6,
+                             train_sampling_strategy="sequential", disable_tqdm=True,
+                             ddp_find_unused_parameters=False)  # fmt: skip
+    callbacks: list = []
+    if variant == "peft-lora-baseline":
+        model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16,
+                                                 target_modules="all-linear"))  # fmt: skip
+    else:
+        from ranktune.adapters.lora import attach_lora
+        from ranktune.config import validate_config
+        from ranktune.training.allocation import attach_allocation
+        from ranktune.training.callbacks import MetricsLogger, StopOnSignal
+
+        allocation = {"method": "l1ra"} if variant == "ranktune-l1ra" else {"method": "none"}
+        config = validate_config({"model": {"name_or_path": "x"}, "data": {"train": "x"}, "allocation": allocation,
+                                  "lora": {"r": 8, "alpha": 16, "dropout": 0.0}})  # fmt: skip
+        model = attach_lora(model, config.lora, "causal_lm")
+        attached = attach_allocation(model, config, out)
+        callbacks = [StopOnSignal(), MetricsLogger(out / "metrics.jsonl", causal_lm=True)]
+        if attached:
+            callbacks.insert(0, attached.callback)
+    if variant == "peft-lora-baseline":
+        model.base_model.model.config.use_cache = False
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.start)
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[*callbacks, StepTimer()]).train()
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    return {"times": times[WARMUP_STEPS:], "peak_mib": peak}
+
+
+def machine() -> str:
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    return f"{platform.platform()}; {platform.processor() or platform.machine()}; {device}; torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="docs/benchmarks.md")
+    parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "MODEL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        with tempfile.TemporaryDirectory() as folder:
+            print(json.dumps(measure(args.worker[0], args.worker[1], args.steps, Path(folder))))
+        return
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `python benchmarks/overhead.py`. Median optimizer-step time (after "
+        f"{WARMUP_STEPS} warm-up steps) and peak memory per variant; every (variant, repetition) runs in its own "
+        "process and repetitions are interleaved. LoRA r 8, alpha 16, all-linear; L1RA with default settings "
+        "(capacity 2 x r).",
+        "",
+        f"Machine: {machine()}.",
+        "",
+    ]
+    for model_name in args.models:
+        results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        for repeat in range(args.repeats):
+            for variant in VARIANTS:
+                print(f"[{model_name}] repetition {repeat + 1}/{args.repeats}: {variant}", file=sys.stderr, flush=True)
+                command = [sys.executable, __file__, "--worker", variant, model_name, "--steps", str(args.steps)]
+                done = subprocess.run(command, capture_output=True, text=True, check=True)
+                results[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        batch, length = SHAPES[model_name]
+        lines += [
+            f"## {model_name} (batch {batch}, sequence length {length}, {args.steps} steps x {args.repeats})",
+            "",
+            "| variant | median step (s) | ratio | peak memory (MiB) | ratio |",
+            "|---|---|---|---|---|",
+        ]
+        base_time = base_peak = 0.0
+        for variant in VARIANTS:
+            step = statistics.median(t for r in results[variant] for t in r["times"])
+            peak = statistics.median(r["peak_mib"] for r in results[variant])
+            base_time, base_peak = (step, peak) if variant == VARIANTS[0] else (base_time, base_peak)
+            lines.append(f"| {variant} | {step:.4f} | {step / base_time:.3f}x | {peak:.0f} | {peak / base_peak:.3f}x |")
+        lines.append("")
+        print("\n".join(lines[-len(VARIANTS) - 4 :]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines), encoding="utf-8")
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
