@@ -115,3 +115,13 @@ def test_schedule_skips_step_zero_warmup_and_the_last_step(gated):
     strategy = L1RAStrategy(modules, L1RASettings(rank_update_ratio=0.1))
     strategy.start(total_steps=100, warmup_steps=25)
     assert [s for s in range(0, 101) if strategy.is_update_step(s)] == [30, 40, 50, 60, 70, 80, 90]
+
+
+def test_yaml_python_and_strategy_defaults_agree():
+    from dataclasses import asdict
+
+    from ranktune.allocation.l1ra import L1RAConfig
+    from ranktune.config import L1RAAllocation
+
+    yaml_defaults = L1RAAllocation(method="l1ra").model_dump(exclude={"method", "max_rank"})
+    assert yaml_defaults == asdict(L1RASettings()) == asdict(L1RAConfig(r=4).settings())

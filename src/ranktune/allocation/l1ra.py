@@ -42,15 +42,15 @@ class L1RAConfig(LoraConfig):
     `max_rank` is each module's fixed capacity (default 2 × r); the rest are as in `L1RASettings`.
     """
 
-    l1ra_lambda: float = 1e-3
-    eta_c: float = 1e-2
-    rank_update_ratio: float = 0.1
-    prune_threshold: float = 0.0
-    reassign: bool = True
-    exclude_pruned: bool = True
-    budget: Budget = "ranks"
+    l1ra_lambda: float = L1RASettings.l1ra_lambda
+    eta_c: float = L1RASettings.eta_c
+    rank_update_ratio: float = L1RASettings.rank_update_ratio
+    prune_threshold: float = L1RASettings.prune_threshold
+    reassign: bool = L1RASettings.reassign
+    exclude_pruned: bool = L1RASettings.exclude_pruned
+    budget: Budget = L1RASettings.budget
     max_rank: int | None = None
-    min_rank: int = 1
+    min_rank: int = L1RASettings.min_rank
 
     def lora_config(self) -> LoraConfig:
         """The plain LoraConfig part, which PEFT wraps the model with."""

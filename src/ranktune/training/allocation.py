@@ -30,15 +30,6 @@ def attach_allocation(model: PeftModel, config: RunConfig, output_dir: Path) -> 
         return None
     capacity = allocation.max_rank or 2 * config.lora.r
     modules = install_gates(model, capacity)
-    settings = L1RASettings(
-        l1ra_lambda=allocation.l1ra_lambda,
-        eta_c=allocation.eta_c,
-        rank_update_ratio=allocation.rank_update_ratio,
-        prune_threshold=allocation.prune_threshold,
-        reassign=allocation.reassign,
-        exclude_pruned=allocation.exclude_pruned,
-        budget=allocation.budget,
-        min_rank=allocation.min_rank,
-    )
+    settings = L1RASettings(**allocation.model_dump(exclude={"method", "max_rank"}))
     strategy = L1RAStrategy(modules, settings, seed=int(config.training.get("seed", 42)))
     return AttachedAllocation(modules, strategy, AllocationCallback(strategy, output_dir / RANK_HISTORY))
