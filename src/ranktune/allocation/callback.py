@@ -48,9 +48,9 @@ class AllocationCallback(TrainerCallback):
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if logs is not None and "loss" in logs:
-            summary = self.strategy.summary()
-            logs["active_rank"] = summary["total_rank"]
-            logs["active_parameters"] = summary["active_parameters"]
+            totals = self.strategy.totals()
+            logs["active_rank"] = totals["total_rank"]
+            logs["active_parameters"] = totals["active_parameters"]
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if state.is_world_process_zero:

@@ -170,6 +170,13 @@ class L1RAStrategy:
             by_name[name].lora_A.refresh()
         self.unspent = plan.unspent
 
+    def totals(self) -> dict[str, int]:
+        """Total active rank and active trainable parameters, from the cached ranks (no tensor work)."""
+        return {
+            "total_rank": sum(m.rank for m in self.modules),
+            "active_parameters": sum(m.rank * m.cost for m in self.modules),
+        }
+
     def summary(self) -> dict[str, Any]:
         """Per-module rank and gate statistics, plus totals."""
         modules = {}
@@ -179,11 +186,7 @@ class L1RAStrategy:
             if len(active):
                 stats.update(gate_min=float(active.min()), gate_mean=float(active.mean()), gate_max=float(active.max()))
             modules[m.name] = stats
-        return {
-            "total_rank": sum(m.rank for m in self.modules),
-            "active_parameters": sum(m.rank * m.cost for m in self.modules),
-            "modules": modules,
-        }
+        return {**self.totals(), "modules": modules}
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs beyond the model tensors (gates and masks travel with the adapter weights)."""
