@@ -15,6 +15,16 @@ from transformers import EvalPrediction, PreTrainedModel
 from ranktune.config import Task
 from ranktune.data.causal_lm import IGNORE_INDEX
 
+HEADLINE_METRICS = ("accuracy", "macro_f1", "loss", "perplexity")
+
+
+def format_metrics(after: dict[str, Any], before: dict[str, Any] | None = None) -> str:
+    """The headline metrics as one line: `accuracy 0.8071` or, given `before`, `accuracy 0.4871 -> 0.8071`."""
+    keys = [k for k in HEADLINE_METRICS if k in after]
+    if before:
+        return ", ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in keys)
+    return ", ".join(f"{k} {after[k]:.4f}" for k in keys)
+
 
 def perplexity(loss: float) -> float:
     """exp(loss), capped so a diverged run reports a huge number instead of overflowing."""

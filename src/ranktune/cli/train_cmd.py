@@ -16,22 +16,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _change(before: dict | None, after: dict | None) -> str:
-    if not before or not after:
-        return ""
-    keys = [k for k in ("accuracy", "macro_f1", "loss", "perplexity") if k in after]
-    return ", ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in keys)
-
-
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    from ranktune.evaluation import format_metrics
     from ranktune.training import train
 
     result = train(config, resume=args.resume, overwrite=args.overwrite)
-    change = _change(result.test_before, result.test_after)
-    if change:
-        print(f"test: {change}")
-    elif result.test_after:
-        print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in result.test_after.items() if isinstance(v, float)))
+    if result.test_after:
+        print(f"test: {format_metrics(result.test_after, result.test_before)}")
     print(f"adapter: {result.output_dir}")
     return 0

@@ -16,7 +16,7 @@ from ranktune.adapters.lora import attach_lora
 from ranktune.config import DataConfig, RunConfig
 from ranktune.data import build_collator, detect_format, load_splits, prepare_causal_lm, prepare_classification
 from ranktune.errors import RanktuneError, UserInputError
-from ranktune.evaluation import evaluate, trainer_classification_metrics
+from ranktune.evaluation import evaluate, format_metrics, trainer_classification_metrics
 from ranktune.export import write_adapter
 from ranktune.models import load_base_model, load_tokenizer, resolve_model_path
 from ranktune.training.allocation import attach_allocation
@@ -83,11 +83,6 @@ def _final_validation(trainer: Trainer, has_validation: bool) -> dict[str, Any]:
     return trainer.evaluate()
 
 
-def _format_metrics(metrics: dict[str, Any]) -> str:
-    shown = {k: v for k, v in metrics.items() if k in ("accuracy", "macro_f1", "loss", "perplexity")}
-    return ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
-
-
 def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Runs one training job end to end and writes the adapter and reports into `config.output_dir`.
 
@@ -148,7 +143,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
 
     test_before = None if resume else test_metrics()
     if test_before:
-        _log(f"test before training: {_format_metrics(test_before)}")
+        _log(f"test before training: {format_metrics(test_before)}")
     if allocation and checkpoint:
         allocation.callback.resume_from = checkpoint
     try:
@@ -164,7 +159,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
     metrics = {**train_output.metrics, **_final_validation(trainer, "validation" in datasets)}
     test_after = test_metrics()
     if test_after:
-        _log(f"test after training:  {_format_metrics(test_after)}")
+        _log(f"test after training:  {format_metrics(test_after)}")
     if not main_process:
         return TrainResult(output_dir, metrics)
 
