@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from typing import Literal
 from ranktune import asset_builders
 from ranktune.asset_builders import progress
 from ranktune.errors import RuntimeFailure, UserInputError, did_you_mean
+from ranktune.files import staged_folder
 
 ASSET_PREFIX = "asset:"
 DEFAULT_CACHE = "~/.cache/ranktune"
@@ -197,24 +197,17 @@ def download_artifact(asset: Asset) -> Path:
     return kept
 
 
-def move_into_place(staging: Path, target: Path) -> None:
-    """Renames the built folder to `target` in one step; a concurrent fetch that got there first is fine."""
+def build_atomically(asset: Asset, artifact: Path, target: Path) -> None:
+    """Builds the asset in a hidden folder beside `target`, so a half-built asset never looks finished.
+
+    A concurrent fetch that finished first is fine: its folder stays.
+    """
     try:
-        os.replace(staging, target)
+        with staged_folder(target, f".{asset.name}.building-") as staging:
+            asset.builder(artifact, staging)
     except OSError:
         if not target.is_dir():
             raise
-
-
-def build_atomically(asset: Asset, artifact: Path, target: Path) -> None:
-    """Builds the asset in a hidden folder beside `target`, so a half-built asset never looks finished."""
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{asset.name}.building-"))
-    staging.chmod(0o755)  # mkdtemp makes the folder private; the finished asset should read like any other
-    try:
-        asset.builder(artifact, staging)
-        move_into_place(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def fetch(name: str) -> Path:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from ranktune.adapters.layout import read_adapter_config
 from ranktune.errors import UserInputError
+from ranktune.files import staged_folder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,16 +28,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_adapter(args.adapter_dir, quantize=False)
     print(f"merging {args.adapter_dir} into its base model", file=sys.stderr)
     merged = loaded.model.merge_and_unload()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out, f".{out.name}-") as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         loaded.tokenizer.save_pretrained(staging)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     print(f"merged model: {out}")
     return 0

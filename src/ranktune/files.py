@@ -1,0 +1,27 @@
+"""Writing a folder so that it appears complete or not at all."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def staged_folder(target: Path, prefix: str) -> Iterator[Path]:
+    """Yields an empty hidden folder beside `target`; when the block succeeds, renames it to `target` in one step.
+
+    A missing or empty `target` is replaced; a failure leaves no trace. The folder gets ordinary permissions
+    (mkdtemp makes it private), so the result reads like any other folder.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    staging.chmod(0o755)
+    try:
+        yield staging
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
