@@ -125,7 +125,37 @@ class L1RAAllocation(_Section):
     min_rank: int = Field(default=1, ge=0)
 
 
-AllocationConfig = Annotated[NoAllocation | L1RAAllocation, Field(discriminator="method")]
+class AdaLoRAAllocation(_Section):
+    """AdaLoRA (PEFT): every module starts at `init_r`; an importance-scored budget shrinks to `target_r` per module.
+
+    Both default from lora.r so that the final budget equals plain LoRA's: target_r = lora.r and init_r = 1.5 × that
+    (PEFT's own 12 → 8). `tinit` / `tfinal` are steps (int) or fractions of the run (float below 1).
+    """
+
+    method: Literal["adalora"]
+    init_r: int | None = Field(default=None, gt=0)
+    target_r: int | None = Field(default=None, gt=0)
+    tinit: int | float = Field(default=0.1, ge=0)
+    tfinal: int | float = Field(default=0.2, ge=0)
+    deltaT: int = Field(default=10, gt=0)
+    beta1: float = Field(default=0.85, gt=0.0, lt=1.0)
+    beta2: float = Field(default=0.85, gt=0.0, lt=1.0)
+    orth_reg_weight: float = Field(default=0.5, ge=0.0)
+
+    @field_validator("tinit", "tfinal")
+    @classmethod
+    def _steps_or_fraction(cls, value: int | float) -> int | float:
+        if isinstance(value, float) and value >= 1.0:
+            raise ValueError(f"a fraction of the run must be below 1, got {value}; give a whole number for steps")
+        return value
+
+    def ranks(self, lora_r: int) -> tuple[int, int]:
+        """(init_r, target_r) with the defaults filled from lora.r."""
+        target_r = self.target_r or lora_r
+        return self.init_r or round(1.5 * target_r), target_r
+
+
+AllocationConfig = Annotated[NoAllocation | L1RAAllocation | AdaLoRAAllocation, Field(discriminator="method")]
 
 
 class RunConfig(_Section):
@@ -143,10 +173,20 @@ class RunConfig(_Section):
         if self.allocation.method != "none":
             if self.lora.dora:
                 raise ValueError(f"allocation.method '{self.allocation.method}' does not support lora.dora")
+            if self.allocation.method == "adalora":
+                self._check_adalora()
             max_rank = getattr(self.allocation, "max_rank", None)
             if max_rank is not None and max_rank < self.lora.r:
                 raise ValueError(f"allocation.max_rank ({max_rank}) must be at least lora.r ({self.lora.r})")
         return self
+
+    def _check_adalora(self) -> None:
+        unsupported = [key for key in ("rslora", "rank_pattern", "alpha_pattern") if getattr(self.lora, key)]
+        if unsupported:
+            raise ValueError(f"allocation.method 'adalora' does not support lora.{unsupported[0]}")
+        init_r, target_r = self.allocation.ranks(self.lora.r)
+        if target_r > init_r:
+            raise ValueError(f"allocation.target_r ({target_r}) must not exceed allocation.init_r ({init_r})")
 
     @field_validator("training")
     @classmethod

@@ -1,9 +1,9 @@
 """Writing a finished adapter into output_dir in vanilla PEFT format, never half-written.
 
-Plain LoRA is saved by PEFT itself. Gated (adaptive-rank) modules are exported in the canonical heterogeneous form:
-each module's gate and scaling are folded into its weights, inactive components and rank-0 modules are dropped, and
-`r = lora_alpha = max rank` with `rank_pattern = alpha_pattern = {module: rank}`, so every scaling is exactly 1.0 and
-any PEFT-reading tool loads it.
+Plain LoRA is saved by PEFT itself. Adaptive-rank runs (L1RA's gated modules, AdaLoRA's SVD layers) are exported in
+the canonical heterogeneous form: each strategy folds its gates and scaling into the weights and drops inactive
+components, rank-0 modules are left out, and `r = lora_alpha = max rank` with
+`rank_pattern = alpha_pattern = {module: rank}`, so every scaling is exactly 1.0 and any PEFT-reading tool loads it.
 
 PEFT recognises an adapter folder by its adapter_config.json, so that file is moved in last, after the weights and
 the tokenizer; a crash before then leaves no adapter_config.json and nothing that looks finished.
@@ -27,37 +27,40 @@ from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
 from ranktune.adapters.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from ranktune.allocation.components import GatedModule
+from ranktune.allocation.strategy import FoldedFactors
 from ranktune.errors import RuntimeFailure
 
 
-def gated_adapter(model: PeftModel, modules: list[GatedModule]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and adapter_config of the vanilla LoRA adapter equivalent to a gated model.
+def canonical_adapter(model: PeftModel, factors: FoldedFactors) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and adapter_config of the vanilla LoRA adapter holding the given folded factors.
+
+    Every LoRA tensor of the adapted modules (gates, masks, AdaLoRA's E included) is replaced by the folded A and B;
+    other saved tensors (modules_to_save, such as a classification head) are kept as PEFT saved them.
 
     Returns:
         (tensors keyed as PEFT saves them, the adapter_config dict).
+
+    Raises:
+        RuntimeFailure: every module ended with rank 0.
     """
     tensors = get_peft_model_state_dict(model)
+    prefixes = tuple(f"base_model.model.{name}.lora_" for name in factors)
+    tensors = {key: value for key, value in tensors.items() if not key.startswith(prefixes)}
     ranks: dict[str, int] = {}
-    with torch.no_grad():
-        for module in modules:
-            prefix = f"base_model.model.{module.name}"
-            for suffix in ("lora_A.weight", "lora_A.lora_gate", "lora_A.lora_mask", "lora_B.weight"):
-                tensors.pop(f"{prefix}.{suffix}", None)
-            index = module.lora_A.active_index
-            if index.numel() == 0:
-                continue
-            gate = module.lora_A.lora_gate[index].to(module.lora_A.weight.dtype)  # (k,)
-            tensors[f"{prefix}.lora_A.weight"] = (module.lora_A.weight[index] * gate[:, None]).contiguous()  # (k, in)
-            lora_b = module.lora_B.weight[:, index] * module.scaling  # (out, k)
-            tensors[f"{prefix}.lora_B.weight"] = lora_b.contiguous()
-            ranks[module.name] = int(index.numel())
+    for name, folded in factors.items():
+        if folded is None:
+            continue
+        lora_a, lora_b = folded  # (k, in), (out, k)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a
+        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_b
+        ranks[name] = int(lora_a.shape[0])
     if not ranks:
         raise RuntimeFailure("every adapted module was pruned to rank 0; there is no adapter to write")
     lora_fields = {f.name for f in dataclasses.fields(LoraConfig)}
-    config = {k: v for k, v in model.peft_config["default"].to_dict().items() if k in lora_fields or k == "peft_type"}
+    config = {k: v for k, v in model.peft_config["default"].to_dict().items() if k in lora_fields}
     top = max(ranks.values())
     config.update(
+        peft_type="LORA",
         r=top,
         lora_alpha=top,
         rank_pattern=dict(ranks),
@@ -71,8 +74,8 @@ def gated_adapter(model: PeftModel, modules: list[GatedModule]) -> tuple[dict[st
     return tensors, config
 
 
-def _save_gated(model: PeftModel, modules: list[GatedModule], folder: Path) -> None:
-    tensors, config = gated_adapter(model, modules)
+def _save_canonical(model: PeftModel, factors: FoldedFactors, folder: Path) -> None:
+    tensors, config = canonical_adapter(model, factors)
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, default=_jsonable) + "\n", encoding="utf-8")
 
@@ -85,7 +88,7 @@ def write_adapter(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase | None,
     output_dir: str | Path,
-    gated: list[GatedModule] | None = None,
+    factors: FoldedFactors | None = None,
     sidecars: Callable[[Path], dict[str, Any]] | None = None,
 ) -> None:
     """Saves adapter_config.json + adapter_model.safetensors (+ tokenizer) into output_dir, config last.
@@ -94,7 +97,8 @@ def write_adapter(
         model: the trained PeftModel.
         tokenizer: saved beside the adapter (when given).
         output_dir: the run's output folder.
-        gated: the gated modules of an adaptive-rank run, exported in canonical vanilla form.
+        factors: an adaptive-rank run's folded factors (`AllocationStrategy.folded_factors()`), exported in the
+            canonical vanilla form; None saves the plain LoRA model as PEFT does.
         sidecars: given the staged adapter folder, returns {file name: JSON payload} to write beside it (for
             example ranktune.json), so they are in place before the adapter looks finished.
     """
@@ -103,8 +107,8 @@ def write_adapter(
     (output_dir / ADAPTER_CONFIG).unlink(missing_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=output_dir))
     try:
-        if gated:
-            _save_gated(model, gated, staging)
+        if factors is not None:
+            _save_canonical(model, factors, staging)
         else:
             model.save_pretrained(staging)
         if tokenizer is not None:

@@ -41,8 +41,8 @@ def _resume_path(trainer: Trainer, resume_from_checkpoint: str | bool | None) ->
 def _export(trainer: Trainer, output_dir: str | None) -> None:
     """The final adapter in canonical vanilla PEFT form, written by the main process only."""
     if trainer.is_world_process_zero():
-        modules = trainer.l1ra.strategy.modules
-        write_adapter(trainer.model, trainer.processing_class, output_dir or trainer.args.output_dir, modules)
+        factors = trainer.l1ra.strategy.folded_factors()
+        write_adapter(trainer.model, trainer.processing_class, output_dir or trainer.args.output_dir, factors)
 
 
 class L1RATrainer(Trainer):

@@ -45,7 +45,7 @@ def test_exported_adapter_reproduces_gated_model_in_plain_peft(family, make_mode
     with torch.no_grad():
         ours = model(ids).logits
 
-    write_adapter(model, tokenizer, tmp_path / "out", gated=modules)
+    write_adapter(model, tokenizer, tmp_path / "out", factors={m.name: m.folded() for m in modules})
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     expected = {m.name: m.rank for m in modules if m.rank}
     assert config["rank_pattern"] == expected == config["alpha_pattern"]

@@ -29,16 +29,20 @@ def build_lora_config(settings: LoraSettings, task: Task) -> LoraConfig:
     )
 
 
-def attach_lora(
-    model: PreTrainedModel, settings: LoraSettings, task: Task, gradient_checkpointing: bool = False
-) -> PeftModel:
-    """Wraps `model` with LoRA after checking that the target modules exist.
+def attach_peft(model: PreTrainedModel, peft_config: LoraConfig, gradient_checkpointing: bool = False) -> PeftModel:
+    """Wraps `model` with a LoRA-family adapter (LoRA, AdaLoRA) after checking that the target modules exist.
 
     Raises:
         UserInputError: `target_modules` matches nothing (the message lists what exists).
     """
-    lora_config = build_lora_config(settings, task)
-    matched_modules(model, lora_config)
+    matched_modules(model, peft_config)
     if getattr(model, "is_quantized", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    return get_peft_model(model, lora_config)
+    return get_peft_model(model, peft_config)
+
+
+def attach_lora(
+    model: PreTrainedModel, settings: LoraSettings, task: Task, gradient_checkpointing: bool = False
+) -> PeftModel:
+    """Wraps `model` with plain LoRA built from the `lora` config section."""
+    return attach_peft(model, build_lora_config(settings, task), gradient_checkpointing)

@@ -15,7 +15,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ranktune.allocation.l1ra import L1RAStrategy
+from ranktune.allocation.strategy import AllocationStrategy
 
 ALLOCATION_STATE = "allocation_state.pt"
 
@@ -23,7 +23,7 @@ ALLOCATION_STATE = "allocation_state.pt"
 class AllocationCallback(TrainerCallback):
     """Steps the strategy, logs active ranks, writes rank_history.jsonl, and saves / restores its state."""
 
-    def __init__(self, strategy: L1RAStrategy, history_path: Path | None = None) -> None:
+    def __init__(self, strategy: AllocationStrategy, history_path: Path | None = None) -> None:
         self.strategy = strategy
         self.history_path = history_path
         self.resume_from: str | None = None
@@ -39,7 +39,10 @@ class AllocationCallback(TrainerCallback):
             saved = torch.load(Path(self.resume_from) / ALLOCATION_STATE, weights_only=False)
             self.strategy.load_state_dict(saved)
         elif state.global_step == 0:
-            self._record(state, {"step": 0, **self.strategy.summary(), "pruned": 0, "added": 0})
+            self._record(state, {"step": 0, **self.strategy.summary()})
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.strategy.before_optimizer_step()
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         record = self.strategy.after_optimizer_step(state.global_step + 1, kwargs.get("optimizer"))

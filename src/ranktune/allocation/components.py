@@ -15,6 +15,7 @@ require grad when training starts) leave it out; the allocation strategy switche
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,9 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 ADAPTER = "default"
+
+# PEFT takes any 1-D tensor under lora_A for an unsharded ZeRO-3 / FSDP shard; our gate and mask are 1-D by design.
+warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape: \S+\.lora_A\.lora_(gate|mask):")
 
 
 class GatedLoraA(nn.Linear):
@@ -99,6 +103,17 @@ class GatedModule:
     @property
     def scaling(self) -> float:
         return float(self.layer.scaling[ADAPTER])
+
+    @torch.no_grad()
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A, B) of the active components with the gate folded into A and the scaling into B; None at rank 0."""
+        index = self.lora_A.active_index
+        if index.numel() == 0:
+            return None
+        gate = self.lora_A.lora_gate[index].to(self.lora_A.weight.dtype)  # (k,)
+        lora_a = self.lora_A.weight[index] * gate[:, None]  # (k, in)
+        lora_b = self.lora_B.weight[:, index] * self.scaling  # (out, k)
+        return lora_a.contiguous(), lora_b.contiguous()
 
 
 def _init_reserve_rows(weight: torch.Tensor, start: int, generator: torch.Generator | None = None) -> None:

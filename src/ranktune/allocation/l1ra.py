@@ -19,6 +19,7 @@ from peft import LoraConfig
 
 from ranktune.allocation.budget import Budget, ModuleState, RankPlan, plan_rank_update
 from ranktune.allocation.components import GatedModule, _init_reserve_rows
+from ranktune.allocation.strategy import FoldedFactors
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,9 @@ class L1RAStrategy:
         self.update_every = max(1, int(self.settings.rank_update_ratio * total_steps))
         self.first_update = max(self.update_every, warmup_steps)
 
+    def before_optimizer_step(self) -> None:
+        """Nothing to do: the gates step after the optimizer has stepped A and B."""
+
     def is_update_step(self, step: int) -> bool:
         return step >= self.first_update and step % self.update_every == 0 and step < self.total_steps
 
@@ -187,6 +191,9 @@ class L1RAStrategy:
                 stats.update(gate_min=float(active.min()), gate_mean=float(active.mean()), gate_max=float(active.max()))
             modules[m.name] = stats
         return {**self.totals(), "modules": modules}
+
+    def folded_factors(self) -> FoldedFactors:
+        return {m.name: m.folded() for m in self.modules}
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs beyond the model tensors (gates and masks travel with the adapter weights)."""

@@ -12,14 +12,13 @@ from transformers import AutoConfig, Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from ranktune.adapters.layout import RUN_INFO
-from ranktune.adapters.lora import attach_lora
 from ranktune.config import DataConfig, RunConfig
 from ranktune.data import build_collator, detect_format, load_splits, prepare_causal_lm, prepare_classification
 from ranktune.errors import RanktuneError, UserInputError
 from ranktune.evaluation import evaluate, format_metrics, trainer_classification_metrics
 from ranktune.export import write_adapter
 from ranktune.models import load_base_model, load_tokenizer, resolve_model_path
-from ranktune.training.allocation import attach_allocation
+from ranktune.training.allocation import attach_adapter
 from ranktune.training.arguments import build_training_arguments
 from ranktune.training.callbacks import MetricsLogger, StopOnSignal
 from ranktune.training.outputs import METRICS_LOG, prepare_output_dir, run_info, save_resolved_config
@@ -109,11 +108,15 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
     _log(f"loading {config.model.name_or_path} ({task})")
     model = load_base_model(model_path, config.model, label_names=label_names, pad_token_id=tokenizer.pad_token_id)
     args = build_training_arguments(config, output_dir, has_validation="validation" in datasets)
-    model = attach_lora(model, config.lora, task, gradient_checkpointing=bool(args.gradient_checkpointing))
+    model, allocation = attach_adapter(model, config, args, len(datasets["train"]), output_dir)
     trainable, total = model.get_nb_trainable_parameters()
     _log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-
-    allocation = attach_allocation(model, config, output_dir)
+    if allocation:
+        active = allocation.strategy.totals()
+        _log(
+            f"{allocation.strategy.name}: starting at total rank {active['total_rank']:,} "
+            f"({active['active_parameters']:,} active rank-component parameters; the rest is fixed capacity)"
+        )
     collator = build_collator(tokenizer, task, packing=data.packing)
     num_labels = len(label_names) if label_names else None
     stopper = StopOnSignal()
@@ -180,6 +183,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
         info.update(run_info(staged, config, extra))
         return {RUN_INFO: info}
 
-    write_adapter(model, tokenizer, output_dir, gated=allocation.modules if allocation else None, sidecars=sidecars)
+    factors = allocation.strategy.folded_factors() if allocation else None
+    write_adapter(model, tokenizer, output_dir, factors=factors, sidecars=sidecars)
     _log(f"adapter saved to {output_dir}")
     return TrainResult(output_dir, metrics, test_before, test_after, info)
