@@ -167,3 +167,42 @@ def test_bad_override_syntax(tmp_path):
 def test_output_dir_inside_training_is_refused(tmp_path):
     text = ISSUE_EXAMPLE.replace("  num_train_epochs: 1", "  output_dir: x\n  num_train_epochs: 1")
     assert "top-level 'output_dir'" in error_of(write(tmp_path, text))
+
+
+def adalora_example(tmp_path: Path, *lines: str) -> Path:
+    block = "allocation:\n  method: adalora\n" + "".join(f"  {line}\n" for line in lines)
+    return write(
+        tmp_path,
+        ISSUE_EXAMPLE.replace(
+            "allocation:\n  method: none                         # later issues add l1ra, adalora, hetero\n", block
+        ),
+    )
+
+
+def test_adalora_ranks_default_from_lora_r(tmp_path):
+    allocation = load_config(adalora_example(tmp_path)).allocation
+    assert allocation.method == "adalora" and allocation.ranks(8) == (12, 8)
+    assert load_config(adalora_example(tmp_path, "target_r: 4")).allocation.ranks(8) == (6, 4)
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (["init_r: 4", "target_r: 6"], "allocation.target_r (6) must not exceed allocation.init_r (4)"),
+        (["tinit: 1.5"], "a fraction of the run must be below 1, got 1.5"),
+        (["delta_t: 5"], "Did you mean 'deltaT'?"),
+        (["beta1: 1.0"], "'allocation.beta1'"),
+    ],
+)
+def test_bad_adalora_settings_are_named(tmp_path, lines, expected):
+    assert expected in error_of(adalora_example(tmp_path, *lines))
+
+
+def test_adalora_refuses_lora_settings_it_would_ignore(tmp_path):
+    text = adalora_example(tmp_path).read_text().replace("  dropout: 0.05", "  dropout: 0.05\n  use_rslora: true")
+    assert "allocation.method 'adalora' does not support lora.rslora" in error_of(write(tmp_path, text))
+
+
+def test_max_rank_below_lora_r_is_refused(tmp_path):
+    text = ISSUE_EXAMPLE.replace("method: none", "method: l1ra\n  max_rank: 4")
+    assert error_of(write(tmp_path, text)).endswith("allocation.max_rank (4) must be at least lora.r (8)")

@@ -362,6 +362,8 @@ def _section_at(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, str]:
 
 def _describe(error: dict[str, Any]) -> str:
     loc = tuple(error["loc"])
+    if not loc:  # a check across sections, whose message names the keys itself
+        return error["msg"].removeprefix("Value error, ")
     model, dotted = _section_at(loc)
     if error["type"] == "extra_forbidden":
         names = list(model.model_fields) if model else []
