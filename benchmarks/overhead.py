@@ -21,7 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("peft-lora-baseline", "ranktune-lora", "ranktune-l1ra")
+VARIANTS = ("peft-lora-baseline", "ranktune-lora", "ranktune-l1ra", "ranktune-adalora")
+ALLOCATIONS = {
+    "ranktune-lora": {"method": "none"},
+    "ranktune-l1ra": {"method": "l1ra"},
+    "ranktune-adalora": {"method": "adalora", "init_r": 8, "target_r": 4},  # the same initial r as the others
+}
 SHAPES = {"tiny": (8, 128), "smollm2-135m": (4, 256)}  # (batch, sequence length)
 WARMUP_STEPS = 2
 
@@ -68,16 +73,14 @@ def measure(variant: str, model_name: str, steps: int, out: Path) -> dict:
         model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16,
                                                  target_modules="all-linear"))  # fmt: skip
     else:
-        from ranktune.adapters.lora import attach_lora
         from ranktune.config import validate_config
-        from ranktune.training.allocation import attach_allocation
+        from ranktune.training.allocation import attach_adapter
         from ranktune.training.callbacks import MetricsLogger, StopOnSignal
 
-        allocation = {"method": "l1ra"} if variant == "ranktune-l1ra" else {"method": "none"}
-        config = validate_config({"model": {"name_or_path": "x"}, "data": {"train": "x"}, "allocation": allocation,
+        config = validate_config({"model": {"name_or_path": "x"}, "data": {"train": "x"},
+                                  "allocation": ALLOCATIONS[variant],
                                   "lora": {"r": 8, "alpha": 16, "dropout": 0.0}})  # fmt: skip
-        model = attach_lora(model, config.lora, "causal_lm")
-        attached = attach_allocation(model, config, out)
+        model, attached = attach_adapter(model, config, args, len(data), out)
         callbacks = [StopOnSignal(), MetricsLogger(out / "metrics.jsonl", causal_lm=True)]
         if attached:
             callbacks.insert(0, attached.callback)
@@ -127,7 +130,7 @@ def main() -> None:
         "Written by `python benchmarks/overhead.py`. Median optimizer-step time (after "
         f"{WARMUP_STEPS} warm-up steps) and peak memory per variant; every (variant, repetition) runs in its own "
         "process and repetitions are interleaved. LoRA r 8, alpha 16, all-linear; L1RA with default settings "
-        "(capacity 2 x r).",
+        "(capacity 2 x r); AdaLoRA (PEFT's layers) with init_r 8, target_r 4 and ranktune's default schedule.",
         "",
         f"Machine: {machine()}.",
         "",

@@ -1,4 +1,4 @@
-"""A real 2-process DDP run on CPU (gloo): both processes take identical L1RA decisions and end identical."""
+"""A real 2-process DDP run on CPU (gloo): both processes take identical L1RA / AdaLoRA decisions and end identical."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-WORKER = Path(__file__).with_name("l1ra_worker.py")
+WORKER = Path(__file__).with_name("allocation_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -17,11 +18,14 @@ def run(command: list[str]) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def test_two_processes_agree_and_match_one_process_with_the_same_global_batch(make_model_dir, tmp_path):
+@pytest.mark.parametrize(("method", "initial_rank", "port"), [("l1ra", 4, "29581"), ("adalora", 6, "29582")])
+def test_two_processes_agree_and_match_one_process_with_the_same_global_batch(
+    method, initial_rank, port, make_model_dir, tmp_path
+):
     model_dir = str(make_model_dir("llama"))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29581"]
-    run([*torchrun, str(WORKER), model_dir, str(tmp_path / "ddp"), "2"])
-    run([sys.executable, str(WORKER), model_dir, str(tmp_path / "single"), "4"])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    run([*torchrun, str(WORKER), method, model_dir, str(tmp_path / "ddp"), "2"])
+    run([sys.executable, str(WORKER), method, model_dir, str(tmp_path / "single"), "4"])
 
     rank0, rank1 = (torch.load(tmp_path / "ddp" / f"state-{r}.pt") for r in (0, 1))
     single = torch.load(tmp_path / "single" / "state-0.pt")
@@ -29,8 +33,15 @@ def test_two_processes_agree_and_match_one_process_with_the_same_global_batch(ma
     for name, state in rank0.items():
         for key in ("mask", "gate", "A", "B"):
             assert torch.equal(state[key], rank1[name][key]), (name, key)  # bit-identical across processes
-        assert torch.equal(state["mask"], single[name]["mask"]), name  # the same rank decisions as one process
-        moved |= int(state["mask"].sum()) != 4
-        for key in ("gate", "A", "B"):  # the same numbers up to the order of floating-point reductions
-            torch.testing.assert_close(state[key], single[name][key], rtol=0, atol=1e-4)
+        moved |= int(state["mask"].sum()) != initial_rank
     assert moved, "ranks should have moved in this run"
+    ddp_masks = torch.cat([state["mask"] for state in rank0.values()])
+    single_masks = torch.cat([state["mask"] for state in single.values()])
+    assert ddp_masks.sum() == single_masks.sum()  # the same total rank as one process
+    if method == "l1ra":  # the same decisions and, up to the order of floating-point reductions, the same numbers
+        assert torch.equal(ddp_masks, single_masks)
+        for name, state in rank0.items():
+            for key in ("gate", "A", "B"):
+                torch.testing.assert_close(state[key], single[name][key], rtol=0, atol=1e-4)
+    else:  # a global k-th-value threshold on continuous scores: rounding-level differences can flip a near-tie
+        assert (ddp_masks == single_masks).float().mean() >= 0.85
