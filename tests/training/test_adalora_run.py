@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from ranktune.config import validate_config
 from ranktune.training import train
-from tests.training.test_l1ra_run import history
+from tests.training.resume import assert_resume_is_exact, history
 from tests.training.test_run import text_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]  # 2 layers: 10 modules
 ADALORA = {"method": "adalora", "init_r": 6, "target_r": 3, "tinit": 4, "tfinal": 0.25, "deltaT": 2}
 
 
-def adalora_config(model_dir, tmp_path, **training):
+def adalora_config(model_dir, tmp_path):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    config = text_config(model_dir, tmp_path, max_steps=24, logging_steps=4, seed=3, **training)
+    config = text_config(model_dir, tmp_path, max_steps=24, logging_steps=4, seed=3)
     config["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": TARGETS}
     config["allocation"] = dict(ADALORA)
     return config
@@ -58,18 +56,7 @@ def test_total_rank_follows_the_budget_schedule_and_export_loads(make_model_dir,
 
 
 def test_interrupted_and_resumed_adalora_run_gives_the_same_adapter(make_model_dir, tmp_path):
+    """The checkpoint at step 11 falls mid-way through the shrinking budget."""
     model_dir = make_model_dir("llama")
-    straight = train(validate_config(adalora_config(model_dir, tmp_path / "a")))
-    checkpointed = adalora_config(model_dir, tmp_path / "b", save_strategy="steps", save_steps=11)
-    out = train(validate_config(checkpointed)).output_dir
-    shutil.rmtree(out / "checkpoint-22")  # the run died after the checkpoint at step 11, mid-way through the budget
-    for name in ("adapter_config.json", "adapter_model.safetensors", "ranktune.json"):
-        (out / name).unlink()
-    train(validate_config(checkpointed), resume=True)
-
-    assert history(out)[-1]["modules"] == history(straight.output_dir)[-1]["modules"]
-    resumed = load_file(str(out / "adapter_model.safetensors"))
-    reference = load_file(str(straight.output_dir / "adapter_model.safetensors"))
-    assert resumed.keys() == reference.keys()
-    for key, tensor in reference.items():
-        torch.testing.assert_close(resumed[key], tensor, rtol=0, atol=1e-6)
+    straight, checkpointed = (adalora_config(model_dir, tmp_path / name) for name in "ab")
+    assert_resume_is_exact(straight, checkpointed, save_steps=11, max_steps=24)

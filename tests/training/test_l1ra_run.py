@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from ranktune.config import validate_config
 from ranktune.reports import rank_evolution
 from ranktune.training import train
 from tests.cli.helpers import run_cli
+from tests.training.resume import assert_resume_is_exact, history
 from tests.training.test_run import text_config
 
 L1RA = {"method": "l1ra", "l1ra_lambda": 2.0, "eta_c": 0.05, "rank_update_ratio": 0.125, "max_rank": 8}
@@ -26,10 +25,6 @@ def l1ra_config(model_dir: Path, tmp_path: Path, **changes) -> dict:
     config["lora"] = {"r": 4, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]}
     config["allocation"] = {**L1RA, **changes}
     return config
-
-
-def history(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "rank_history.jsonl").read_text().splitlines()]
 
 
 def test_ranks_move_total_is_conserved_and_export_loads(make_model_dir, tmp_path):
@@ -74,19 +69,5 @@ def test_params_budget_keeps_active_parameters_within_one_component(make_model_d
 
 def test_interrupted_and_resumed_run_gives_the_same_adapter(make_model_dir, tmp_path):
     model_dir = make_model_dir("llama")
-    straight = train(validate_config(l1ra_config(model_dir, tmp_path / "a")))
-
-    checkpointed = l1ra_config(model_dir, tmp_path / "b")
-    checkpointed["training"].update(save_strategy="steps", save_steps=12)
-    out = train(validate_config(checkpointed)).output_dir
-    shutil.rmtree(out / "checkpoint-24")  # pretend the run died after the checkpoint at step 12
-    for name in ("adapter_config.json", "adapter_model.safetensors", "ranktune.json"):
-        (out / name).unlink()
-    train(validate_config(checkpointed), resume=True)
-
-    assert history(out)[-1]["modules"] == history(straight.output_dir)[-1]["modules"]
-    resumed = load_file(str(out / "adapter_model.safetensors"))
-    reference = load_file(str(straight.output_dir / "adapter_model.safetensors"))
-    assert resumed.keys() == reference.keys()
-    for key, tensor in reference.items():
-        torch.testing.assert_close(resumed[key], tensor, rtol=0, atol=1e-6)
+    straight, checkpointed = (l1ra_config(model_dir, tmp_path / name) for name in "ab")
+    assert_resume_is_exact(straight, checkpointed, save_steps=12, max_steps=24)
