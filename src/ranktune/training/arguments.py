@@ -42,6 +42,7 @@ def default_training_values(config: RunConfig, has_validation: bool) -> dict[str
         "train_sampling_strategy": "random" if config.data.packing else "group_by_length",
         "seed": 42,
         "ddp_find_unused_parameters": False,  # static shapes: every parameter takes part in every step
+        "dataloader_pin_memory": torch.cuda.is_available(),  # pinning without a GPU only earns a warning
         **_mixed_precision(config.training),
     }
     return {**defaults, **config.training}
