@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -71,3 +72,12 @@ def test_interrupted_and_resumed_run_gives_the_same_adapter(make_model_dir, tmp_
     model_dir = make_model_dir("llama")
     straight, checkpointed = (l1ra_config(model_dir, tmp_path / name) for name in "ab")
     assert_resume_is_exact(straight, checkpointed, save_steps=12, max_steps=24)
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch_fused", "adafactor", "sgd"])
+def test_l1ra_composes_with_the_optimizer_of_a_and_b(optim, make_model_dir, tmp_path):
+    """The gates take their own proximal steps whatever trains A and B, so ranks move under every optimizer."""
+    config = l1ra_config(make_model_dir("llama"), tmp_path)
+    config["training"]["optim"] = optim
+    records = history(train(validate_config(config)).output_dir)
+    assert sum(r.get("pruned", 0) for r in records) > 0 and records[-1]["total_rank"] + records[-1]["unspent"] == 40
