@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/ranktune train examples/quickstart.yaml --overwrite
+	$(BIN)/ranktune inspect runs/quickstart --plot runs/quickstart/ranks.png
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks

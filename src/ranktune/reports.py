@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ranktune.adapters.layout import ModuleRank, module_totals
+from ranktune.adapters.layout import ModuleRank, module_totals, module_types
 
 
 def rank_table(modules: list[ModuleRank]) -> str:
@@ -54,13 +54,14 @@ def _save(figure, path: str | Path) -> Path:
 
 
 def rank_evolution(history: list[dict]) -> tuple[list[int], dict[str, list[float]]]:
-    """Mean rank per module type at every recorded step (the last path component names the type)."""
+    """Mean rank per module type at every recorded step (types labelled as in `module_types`)."""
     steps = [record["step"] for record in history]
     series: dict[str, list[float]] = {}
+    types = module_types({name for record in history for name in record["modules"]})
     for record in history:
         by_type: dict[str, list[int]] = {}
         for name, stats in record["modules"].items():
-            by_type.setdefault(name.rsplit(".", 1)[-1], []).append(stats["rank"])
+            by_type.setdefault(types[name], []).append(stats["rank"])
         for module_type, ranks in by_type.items():
             series.setdefault(module_type, []).append(sum(ranks) / len(ranks))
     return steps, series

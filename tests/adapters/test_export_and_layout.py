@@ -9,10 +9,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from ranktune.adapters.layout import read_module_ranks
+from ranktune.adapters.layout import ModuleRank, module_types, read_module_ranks
 from ranktune.adapters.lora import attach_lora
 from ranktune.config import LoraSettings
 from ranktune.export import write_adapter
+from ranktune.reports import rank_grid
 
 
 @pytest.fixture
@@ -71,3 +72,23 @@ def test_failed_write_leaves_no_adapter(adapted, tokenizer, tmp_path, monkeypatc
     with pytest.raises(RuntimeError):
         write_adapter(peft_model, tokenizer, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_module_types_are_short_and_distinct():
+    llama = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")]
+    assert set(module_types(llama).values()) == {"q_proj", "down_proj"}
+    bert = ["bert.pooler.dense"] + [
+        f"bert.encoder.layer.{i}.{m}"
+        for i in range(2)
+        for m in ("attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense")
+    ]
+    types = module_types(bert)
+    assert types["bert.encoder.layer.1.attention.output.dense"] == "attention.output.dense"
+    assert types["bert.encoder.layer.1.output.dense"] == "output.dense"
+    assert types["bert.encoder.layer.0.intermediate.dense"] == "intermediate.dense"
+    assert types["bert.encoder.layer.0.attention.self.query"] == "query"
+    assert types["bert.pooler.dense"] == "pooler.dense"
+    grid_types = rank_grid(
+        [ModuleRank(name, int(name.split(".")[3]), types[name], 4, 8, 8) for name in bert if "layer." in name]
+    )[1]
+    assert grid_types == ["attention.output.dense", "intermediate.dense", "output.dense", "query"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,30 @@ RUN_INFO = "ranktune.json"
 RANK_HISTORY = "rank_history.jsonl"
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def module_types(names: Iterable[str]) -> dict[str, str]:
+    """A short, distinct type label per module name: the path after the layer index, cut to its shortest suffix
+    that no other type ends with (llama: q_proj, down_proj; BERT: query, attention.output.dense, output.dense).
+
+    Modules outside the layers (a pooler) keep their whole path as the type before shortening.
+    """
+    full = {}
+    for name in names:
+        layer = _LAYER_INDEX.search(name)
+        full[name] = name[layer.end() :] if layer else name
+    types = set(full.values())
+
+    def shortest(kind: str) -> str:
+        parts = kind.split(".")
+        for k in range(1, len(parts)):
+            suffix = parts[-k:]
+            if all(other.split(".")[-k:] != suffix for other in types - {kind}):
+                return ".".join(suffix)
+        return kind
+
+    labels = {kind: shortest(kind) for kind in types}
+    return {name: labels[kind] for name, kind in full.items()}
 
 
 @dataclass(frozen=True)
@@ -60,6 +85,7 @@ def read_module_ranks(adapter_dir: str | Path) -> list[ModuleRank]:
             if match:
                 shapes.setdefault(match["module"], {})[match["part"]] = tensors.get_slice(key).get_shape()
     ranks = []
+    types = module_types(shapes)
     for module, parts in shapes.items():
         layer = _LAYER_INDEX.search(module)
         rank, in_features = parts["A"]
@@ -67,7 +93,7 @@ def read_module_ranks(adapter_dir: str | Path) -> list[ModuleRank]:
             ModuleRank(
                 module=module,
                 layer=int(layer.group(1)) if layer else None,
-                module_type=module.rsplit(".", 1)[-1],
+                module_type=types[module],
                 rank=rank,
                 in_features=in_features,
                 out_features=parts["B"][0],
