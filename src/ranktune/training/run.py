@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, Trainer, set_seed
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from ranktune.adapters.layout import RUN_INFO
@@ -82,6 +82,35 @@ def _final_validation(trainer: Trainer, has_validation: bool) -> dict[str, Any]:
     return trainer.evaluate()
 
 
+@dataclass
+class PreparedRun:
+    """The tokenizer, tokenized splits and base model of a run, before any adapter."""
+
+    model_path: str
+    tokenizer: PreTrainedTokenizerBase
+    datasets: dict[str, Any]
+    label_names: list[str] | None
+    data_format: str
+    model: PreTrainedModel
+
+
+def prepare_run(config: RunConfig) -> PreparedRun:
+    """Seeds, then loads the tokenizer, the data (tokenized) and the base model of a config.
+
+    Raises:
+        UserInputError: bad data, model path or columns.
+    """
+    set_seed(int(config.training.get("seed", 42)))  # the new head and LoRA's A are drawn before the Trainer seeds
+    model_path = resolve_model_path(config.model.name_or_path)
+    data = _resolve_data_paths(config.data)
+    tokenizer = load_tokenizer(model_path, config.model)
+    _log(f"preparing data from {data.train}")
+    datasets, label_names, data_format = _prepare_datasets(config, data, tokenizer, model_path)
+    _log(f"loading {config.model.name_or_path} ({config.model.task})")
+    model = load_base_model(model_path, config.model, label_names=label_names, pad_token_id=tokenizer.pad_token_id)
+    return PreparedRun(model_path, tokenizer, datasets, label_names, data_format, model)
+
+
 def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Runs one training job end to end and writes the adapter and reports into `config.output_dir`.
 
@@ -98,15 +127,9 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
     if _launched_as_main():
         save_resolved_config(config, output_dir)
     task = config.model.task
-
-    set_seed(int(config.training.get("seed", 42)))  # the new head and LoRA's A are drawn before the Trainer seeds
-    model_path = resolve_model_path(config.model.name_or_path)
-    data = _resolve_data_paths(config.data)
-    tokenizer = load_tokenizer(model_path, config.model)
-    _log(f"preparing data from {data.train}")
-    datasets, label_names, data_format = _prepare_datasets(config, data, tokenizer, model_path)
-    _log(f"loading {config.model.name_or_path} ({task})")
-    model = load_base_model(model_path, config.model, label_names=label_names, pad_token_id=tokenizer.pad_token_id)
+    run = prepare_run(config)
+    model_path, tokenizer, datasets, label_names = run.model_path, run.tokenizer, run.datasets, run.label_names
+    data_format, model = run.data_format, run.model
     args = build_training_arguments(config, output_dir, has_validation="validation" in datasets)
     model, allocation = attach_adapter(model, config, args, len(datasets["train"]), output_dir)
     trainable, total = model.get_nb_trainable_parameters()
@@ -117,7 +140,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
             f"{allocation.strategy.name}: starting at total rank {active['total_rank']:,} "
             f"({active['active_parameters']:,} active rank-component parameters; the rest is fixed capacity)"
         )
-    collator = build_collator(tokenizer, task, packing=data.packing)
+    collator = build_collator(tokenizer, task, packing=config.data.packing)
     num_labels = len(label_names) if label_names else None
     stopper = StopOnSignal()
     trainer = Trainer(

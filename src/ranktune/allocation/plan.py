@@ -1,0 +1,126 @@
+"""HeteroLoRA's static search: saliency scores → a per-module plan (enabled or not, rank) → a LoRA config.
+
+`make_plan` keeps the top floor(keep · N) modules by score; equal scores are ordered by a seeded random draw, so the
+same scores and seed always give the same plan. With `redistribute`, the parameter budget of the kept modules at
+the pool rank is spread over them in proportion to their scores instead of giving each the pool rank.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ranktune.errors import UserInputError
+
+SCORES_FORMAT = "ranktune-saliency-1"
+PLAN_FORMAT = "ranktune-plan-1"
+
+
+def rank_order(scores: dict[str, float], seed: int) -> list[str]:
+    """Module names from the highest score to the lowest; ties in a seeded random order."""
+    draw = random.Random(seed)
+    tie_break = {name: draw.random() for name in sorted(scores)}
+    return sorted(scores, key=lambda name: (-scores[name], tie_break[name]))
+
+
+def redistribute_ranks(scores: dict[str, float], costs: dict[str, int], budget: int) -> dict[str, int]:
+    """One component per module, then the rest of `budget` in proportion to the scores; Σ rank · cost <= budget.
+
+    Args:
+        scores: the kept modules' scores (negative ones count as 0; all zero means equal shares).
+        costs: parameters of one rank component per module (in_features + out_features).
+        budget: the parameters to spend (at least one component per module).
+    """
+    weights = {name: max(score, 0.0) for name, score in scores.items()}
+    if not any(weights.values()):
+        weights = dict.fromkeys(scores, 1.0)
+    ranks = dict.fromkeys(scores, 1)
+    spent = sum(costs.values())
+    share = max(budget - spent, 0) / sum(weights[name] * costs[name] for name in scores)  # components per score
+    for name in scores:
+        extra = math.floor(weights[name] * share)
+        ranks[name] += extra
+        spent += extra * costs[name]
+    remainders = sorted(scores, key=lambda n: -(weights[n] * share - math.floor(weights[n] * share)))
+    for name in remainders:  # the largest rounding loss first, while the budget allows
+        if spent + costs[name] <= budget:
+            ranks[name] += 1
+            spent += costs[name]
+    return ranks
+
+
+def make_plan(
+    scores: dict[str, float],
+    keep: float,
+    rank: int,
+    costs: dict[str, int],
+    redistribute: bool = False,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """{module: {"enabled": bool, "rank": int, "score": float}} in score order.
+
+    Raises:
+        UserInputError: `keep` is outside (0, 1] or keeps no module.
+    """
+    if not 0.0 < keep <= 1.0:
+        raise UserInputError(f"--keep must be a fraction in (0, 1], got {keep}")
+    count = math.floor(keep * len(scores))
+    if count == 0:
+        raise UserInputError(f"--keep {keep} of {len(scores)} modules keeps none; the smallest useful keep is "
+                             f"{1 / len(scores):.4g}")  # fmt: skip
+    order = rank_order(scores, seed)
+    kept = order[:count]
+    ranks = dict.fromkeys(kept, rank)
+    if redistribute:
+        ranks = redistribute_ranks({n: scores[n] for n in kept}, costs, rank * sum(costs[n] for n in kept))
+    return {name: {"enabled": name in ranks, "rank": ranks.get(name, 0), "score": scores[name]} for name in order}
+
+
+def read_scores(path: str | Path) -> dict[str, Any]:
+    """Reads a `ranktune saliency` output file.
+
+    Raises:
+        UserInputError: missing, malformed or not a saliency file.
+    """
+    data = _read_yaml(path, "scores file")
+    modules = data.get("modules") if isinstance(data, dict) else None
+    if data.get("format") != SCORES_FORMAT or not isinstance(modules, dict) or not modules:
+        raise UserInputError(f"'{path}' is not a `ranktune saliency` output (expected format: {SCORES_FORMAT})")
+    return data
+
+
+def read_plan(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Reads a `ranktune plan` output: {module: {"enabled": bool, "rank": int}}.
+
+    Raises:
+        UserInputError: missing, malformed, not a plan, or a plan that enables nothing.
+    """
+    data = _read_yaml(path, "lora.plan")
+    modules = data.get("modules") if isinstance(data, dict) else None
+    if data.get("format") != PLAN_FORMAT or not isinstance(modules, dict):
+        raise UserInputError(f"lora.plan: '{path}' is not a `ranktune plan` output (expected format: {PLAN_FORMAT})")
+    for name, entry in modules.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("enabled"), bool):
+            raise UserInputError(f"lora.plan: module '{name}' in '{path}' needs enabled: true|false")
+        if entry["enabled"] and (not isinstance(entry.get("rank"), int) or entry["rank"] <= 0):
+            raise UserInputError(f"lora.plan: enabled module '{name}' in '{path}' needs a rank > 0")
+    if not any(entry["enabled"] for entry in modules.values()):
+        raise UserInputError(f"lora.plan: '{path}' enables no module")
+    return modules
+
+
+def _read_yaml(path: str | Path, what: str) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserInputError(f"{what}: '{path}' does not exist") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise UserInputError(f"{what}: cannot read '{path}': {error}") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{what}: '{path}' must hold a mapping")
+    return data

@@ -1,0 +1,222 @@
+"""Zero-cost saliency proxies that score LoRA modules for HeteroLoRA's search (higher = more important).
+
+All heuristics see the same N batches in dataset order. Under torch.distributed each process takes every
+world_size-th batch and gradient sums are all-reduced before scoring, so every process computes the same scores.
+
+- constant: 1 for every module (selection is then the seeded tie-break: the random baseline).
+- grad_norm: ||Σ_b ∂L_b/∂A||_F + ||Σ_b ∂L_b/∂B||_F.
+- snip: Σ|A ⊙ Σ_b ∂L_b/∂A| + Σ|B ⊙ Σ_b ∂L_b/∂B|.
+- synflow: every parameter replaced by its absolute value, an all-ones input embedding, R = the sum of the outputs;
+  score Σ|A ⊙ ∂R/∂A| + Σ|B ⊙ ∂R/∂B|. A freshly initialised LoRA has B = 0, which makes every such score exactly 0
+  (the reference logs 1e-26…1e-30); ranktune scores an all-zero B as if it held the constant 1/r, so the score
+  measures how much of the network's signal flows through the module's low-rank path.
+- alpha_test: per module, the smallest scale α in {0, 0.1, …, 1} of the module's output that keeps the loss within
+  `tolerance` (relative) of the unscaled model's, found by binary search; score = α.
+
+At initialisation (B = 0) ∂L/∂A = 0, so grad_norm is driven by B alone and snip ties at 0 for every module; the
+seeded tie-break of `plan` then decides. Scores are informative once B has trained (dynamic search).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+ADAPTER = "default"
+HEURISTICS = ("constant", "grad_norm", "snip", "synflow", "alpha_test")
+ALPHAS = tuple(i / 10 for i in range(11))
+
+Batch = dict[str, torch.Tensor]
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """Every LoRA layer of a PeftModel, keyed by its module name in the base model."""
+    return {
+        name.removeprefix("base_model.model."): layer
+        for name, layer in model.named_modules()
+        if isinstance(layer, LoraLayer) and ADAPTER in layer.lora_A
+    }
+
+
+def _factors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    return layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _my_batches(batches: Sequence[Batch]) -> list[Batch]:
+    if not _distributed():
+        return list(batches)
+    return list(batches)[dist.get_rank() :: dist.get_world_size()]
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _summed_gradients(model: nn.Module, layers: dict[str, LoraLayer], batches: Sequence[Batch]) -> None:
+    """Leaves Σ_b ∂L_b/∂A and ∂L_b/∂B (over every process's batches) in the factors' .grad."""
+    device = next(model.parameters()).device
+    factors = [w for layer in layers.values() for w in _factors(layer)]
+    for weight in factors:
+        weight.grad = None
+    with torch.enable_grad():
+        for batch in _my_batches(batches):
+            model(**_to(batch, device)).loss.backward()
+    grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in factors]
+    if _distributed():
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        grads = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)]
+    for weight, grad in zip(factors, grads, strict=True):
+        weight.grad = grad
+
+
+def _gradient_scores(model: nn.Module, layers: dict[str, LoraLayer], batches: Sequence[Batch], snip: bool):
+    _summed_gradients(model, layers, batches)
+    scores = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            lora_a, lora_b = _factors(layer)
+            if snip:
+                scores[name] = float((lora_a * lora_a.grad).abs().sum() + (lora_b * lora_b.grad).abs().sum())
+            else:
+                scores[name] = float(lora_a.grad.norm() + lora_b.grad.norm())
+            lora_a.grad = lora_b.grad = None
+    return scores
+
+
+def _synflow(model: nn.Module, layers: dict[str, LoraLayer], batches: Sequence[Batch]) -> dict[str, float]:
+    """SynFlow on one all-ones input shaped like the first batch; parameters are restored exactly afterwards."""
+    first = batches[0]
+    length = int(first["input_ids"].shape[1])
+    device = next(model.parameters()).device
+    embeddings = model.get_input_embeddings()
+    negative = {name: p.detach() < 0 for name, p in model.named_parameters()}
+    zero_b = [layer for layer in layers.values() if not _factors(layer)[1].any()]
+    try:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.abs_()
+            for layer in zero_b:
+                lora_b = _factors(layer)[1]
+                lora_b.fill_(1.0 / lora_b.shape[1])
+        ones = torch.ones(1, length, embeddings.embedding_dim, device=device, dtype=embeddings.weight.dtype)
+        factors = [w for layer in layers.values() for w in _factors(layer)]
+        with torch.enable_grad():
+            output = model(inputs_embeds=ones)
+            total = output.logits.float().sum()
+            grads = torch.autograd.grad(total, factors)
+        scores = {}
+        with torch.no_grad():
+            for index, name in enumerate(layers):
+                lora_a, lora_b = _factors(layers[name])
+                grad_a, grad_b = grads[2 * index], grads[2 * index + 1]
+                scores[name] = float((lora_a * grad_a).abs().sum() + (lora_b * grad_b).abs().sum())
+    finally:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                parameter.copy_(torch.where(negative[name], -parameter.abs(), parameter.abs()))
+            for layer in zero_b:
+                _factors(layer)[1].zero_()
+    return scores
+
+
+def mean_loss(model: nn.Module, batches: Sequence[Batch]) -> float:
+    """The mean loss over the batches, summed across processes."""
+    device = next(model.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, batch count)
+    with torch.no_grad():
+        for batch in _my_batches(batches):
+            total[0] += float(model(**_to(batch, device)).loss)
+            total[1] += 1
+    if _distributed():
+        dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+def _alpha_test(
+    model: nn.Module, layers: dict[str, LoraLayer], batches: Sequence[Batch], tolerance: float
+) -> dict[str, float]:
+    """Binary search per module for the smallest output scale that keeps the loss within tolerance."""
+    reference = mean_loss(model, batches)
+    scores = {}
+    scale = {"alpha": 1.0}
+
+    def scaled(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        return output * scale["alpha"]
+
+    for name, layer in layers.items():
+        hook = layer.register_forward_hook(scaled)
+        try:
+            low, high = 0, len(ALPHAS) - 1  # ALPHAS[high] always passes (α = 1 is the reference)
+            while low < high:
+                middle = (low + high) // 2
+                scale["alpha"] = ALPHAS[middle]
+                if mean_loss(model, batches) <= reference * (1 + tolerance):
+                    high = middle
+                else:
+                    low = middle + 1
+            scores[name] = ALPHAS[high]
+        finally:
+            hook.remove()
+    return scores
+
+
+def score_modules(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    heuristic: str,
+    tolerance: float = 0.01,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """Scores every LoRA module of `model` with one heuristic over `batches` (kept in their order).
+
+    Args:
+        model: a PeftModel with every candidate LoRA module enabled.
+        batches: collated batches with labels, the same list on every process.
+        heuristic: one of HEURISTICS.
+        tolerance: alpha_test's relative loss tolerance.
+        progress: called with a short message per module for the slow alpha_test.
+
+    Returns:
+        {module name in the base model: score}.
+    """
+    layers = lora_layers(model)
+    was_training = model.training
+    model.eval()  # no dropout: the same batches give the same scores
+    try:
+        if heuristic == "constant":
+            return dict.fromkeys(layers, 1.0)
+        if heuristic in ("grad_norm", "snip"):
+            return _gradient_scores(model, layers, batches, snip=heuristic == "snip")
+        if heuristic == "synflow":
+            return _synflow(model, layers, batches)
+        if heuristic == "alpha_test":
+            return _alpha_test(model, layers, batches, tolerance)
+        raise ValueError(f"unknown heuristic '{heuristic}'; expected one of {', '.join(HEURISTICS)}")
+    finally:
+        model.train(was_training)
+
+
+def first_batches(dataset: Iterable[dict[str, Any]], collator: Callable, batch_size: int, count: int) -> list[Batch]:
+    """The first `count` batches of `dataset` in order (no shuffling), collated."""
+    rows = []
+    batches = []
+    for row in dataset:
+        rows.append(row)
+        if len(rows) == batch_size:
+            batches.append(collator(rows))
+            rows = []
+            if len(batches) == count:
+                return batches
+    if rows and len(batches) < count:
+        batches.append(collator(rows))
+    return batches
