@@ -5,7 +5,7 @@ Each (variant, repetition) runs in its own process, so peak memory is per varian
 steps of all repetitions and the median peak memory (CUDA: max allocated; CPU: max resident set size), each with its
 ratio to the baseline, and writes docs/benchmarks.md.
 
-    python benchmarks/overhead.py [--models tiny smollm2-135m] [--steps 12] [--repeats 3]
+    python benchmarks/overhead.py [--models tiny smollm2-135m] [--steps N] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ ALLOCATIONS = {
     "ranktune-adalora": {"method": "adalora", "init_r": 8, "target_r": 4},  # the same initial r as the others
 }
 SHAPES = {"tiny": (8, 128), "smollm2-135m": (4, 256)}  # (batch, sequence length)
+DEFAULT_STEPS = {"tiny": 40, "smollm2-135m": 12}  # a tiny step takes ~0.25 s on 2 cores: more of them beat noise
 WARMUP_STEPS = 2
 
 
@@ -80,7 +81,7 @@ def measure(variant: str, model_name: str, steps: int, out: Path) -> dict:
         config = validate_config({"model": {"name_or_path": "x"}, "data": {"train": "x"},
                                   "allocation": ALLOCATIONS[variant],
                                   "lora": {"r": 8, "alpha": 16, "dropout": 0.0}})  # fmt: skip
-        model, attached = attach_adapter(model, config, args, len(data), out)
+        model, attached = attach_adapter(model, config, args, data, None, out)
         callbacks = [StopOnSignal(), MetricsLogger(out / "metrics.jsonl", causal_lm=True)]
         if attached:
             callbacks.insert(0, attached.callback)
@@ -115,14 +116,15 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: 40 tiny, 12 smollm2-135m)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         with tempfile.TemporaryDirectory() as folder:
-            print(json.dumps(measure(args.worker[0], args.worker[1], args.steps, Path(folder))))
+            steps = args.steps or DEFAULT_STEPS[args.worker[1]]
+            print(json.dumps(measure(args.worker[0], args.worker[1], steps, Path(folder))))
         return
     lines = [
         "# Benchmarks",
@@ -130,32 +132,36 @@ def main() -> None:
         "Written by `python benchmarks/overhead.py`. Median optimizer-step time (after "
         f"{WARMUP_STEPS} warm-up steps) and peak memory per variant; every (variant, repetition) runs in its own "
         "process and repetitions are interleaved. LoRA r 8, alpha 16, all-linear; L1RA with default settings "
-        "(capacity 2 x r); AdaLoRA (PEFT's layers) with init_r 8, target_r 4 and ranktune's default schedule.",
+        "(capacity 2 x r); AdaLoRA (PEFT's layers) with init_r 8, target_r 4 and ranktune's default schedule. "
+        "The repetition medians show the run-to-run noise of the machine: read ratios within that band as equal.",
         "",
         f"Machine: {machine()}.",
         "",
     ]
     for model_name in args.models:
+        steps = args.steps or DEFAULT_STEPS[model_name]
         results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         for repeat in range(args.repeats):
             for variant in VARIANTS:
                 print(f"[{model_name}] repetition {repeat + 1}/{args.repeats}: {variant}", file=sys.stderr, flush=True)
-                command = [sys.executable, __file__, "--worker", variant, model_name, "--steps", str(args.steps)]
+                command = [sys.executable, __file__, "--worker", variant, model_name, "--steps", str(steps)]
                 done = subprocess.run(command, capture_output=True, text=True, check=True)
                 results[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
         batch, length = SHAPES[model_name]
         lines += [
-            f"## {model_name} (batch {batch}, sequence length {length}, {args.steps} steps x {args.repeats})",
+            f"## {model_name} (batch {batch}, sequence length {length}, {steps} steps x {args.repeats})",
             "",
-            "| variant | median step (s) | ratio | peak memory (MiB) | ratio |",
-            "|---|---|---|---|---|",
+            "| variant | median step (s) | ratio | repetition medians (s) | peak memory (MiB) | ratio |",
+            "|---|---|---|---|---|---|",
         ]
         base_time = base_peak = 0.0
         for variant in VARIANTS:
             step = statistics.median(t for r in results[variant] for t in r["times"])
             peak = statistics.median(r["peak_mib"] for r in results[variant])
             base_time, base_peak = (step, peak) if variant == VARIANTS[0] else (base_time, base_peak)
-            lines.append(f"| {variant} | {step:.4f} | {step / base_time:.3f}x | {peak:.0f} | {peak / base_peak:.3f}x |")
+            spread = ", ".join(f"{statistics.median(r['times']):.4f}" for r in results[variant])
+            ratios = f"{step / base_time:.3f}x | {spread} | {peak:.0f} | {peak / base_peak:.3f}x"
+            lines.append(f"| {variant} | {step:.4f} | {ratios} |")
         lines.append("")
         print("\n".join(lines[-len(VARIANTS) - 4 :]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -83,6 +83,7 @@ class LoraSettings(_Section):
     rank_pattern: dict[str, int] = Field(default_factory=dict)
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
     modules_to_save: list[str] | None = None
+    plan: str | None = None  # a `ranktune plan` file: it replaces target_modules and sets each module's rank
 
     @field_validator("target_modules")
     @classmethod
@@ -155,7 +156,43 @@ class AdaLoRAAllocation(_Section):
         return self.init_r or round(1.5 * target_r), target_r
 
 
-AllocationConfig = Annotated[NoAllocation | L1RAAllocation | AdaLoRAAllocation, Field(discriminator="method")]
+Heuristic = Literal["constant", "grad_norm", "snip", "synflow", "alpha_test"]
+HEURISTICS: tuple[str, ...] = typing.get_args(Heuristic)
+
+
+class HeteroAllocation(_Section):
+    """HeteroLoRA's dynamic search: every `every` steps, score the LoRA modules and enable the top `keep` fraction.
+
+    `every` is a fraction of an epoch (float below 1) or a number of optimizer steps (int). `online: true` scores from
+    the training gradients themselves (grad_norm or snip) instead of `batches` extra forward/backward passes.
+    """
+
+    method: Literal["hetero"]
+    heuristic: Heuristic = "grad_norm"
+    every: int | float = Field(default=0.2, gt=0)
+    keep: float = Field(default=0.25, gt=0.0, le=1.0)
+    batches: int = Field(default=32, gt=0)
+    online: bool = False
+
+    @field_validator("every")
+    @classmethod
+    def _fraction_below_one(cls, value: int | float) -> int | float:
+        if isinstance(value, float) and value >= 1.0:
+            raise ValueError(f"a fraction of an epoch must be below 1, got {value}; give a whole number for steps")
+        return value
+
+    @model_validator(mode="after")
+    def _online_needs_gradients(self) -> HeteroAllocation:
+        if self.online and self.heuristic not in ("grad_norm", "snip"):
+            raise ValueError(
+                f"online scoring uses the training gradients: heuristic grad_norm or snip, not {self.heuristic}"
+            )
+        return self
+
+
+AllocationConfig = Annotated[
+    NoAllocation | L1RAAllocation | AdaLoRAAllocation | HeteroAllocation, Field(discriminator="method")
+]
 
 
 class RunConfig(_Section):

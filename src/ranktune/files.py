@@ -1,4 +1,4 @@
-"""Writing a folder so that it appears complete or not at all."""
+"""Writing a folder or a file so that it appears complete or not at all."""
 
 from __future__ import annotations
 
@@ -25,3 +25,18 @@ def staged_folder(target: Path, prefix: str) -> Iterator[Path]:
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """Writes `text` to a hidden file beside `path`, then renames it into place: the file is whole or absent."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.chmod(staging, 0o644)
+        os.replace(staging, path)
+    finally:
+        Path(staging).unlink(missing_ok=True)
+    return path

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ranktune.adapters.layout import ModuleRank, module_totals, module_types
+from ranktune.adapters.layout import ModuleRank, layer_of, module_totals, module_types
 
 
 def rank_table(modules: list[ModuleRank]) -> str:
@@ -24,15 +24,19 @@ def rank_table(modules: list[ModuleRank]) -> str:
     return "\n".join(rows)
 
 
-def rank_grid(modules: list[ModuleRank]) -> tuple[list[int], list[str], np.ndarray]:
-    """Ranks laid out as layers (rows) × module types (columns); NaN where a layer has no such module."""
-    layers = sorted({m.layer for m in modules if m.layer is not None})
-    types = sorted({m.module_type for m in modules if m.layer is not None})
-    grid = np.full((len(layers), len(types)), np.nan)  # (L, T)
-    for m in modules:
-        if m.layer is not None:
-            grid[layers.index(m.layer), types.index(m.module_type)] = m.rank
-    return layers, types, grid
+def module_grid(values: dict[str, float]) -> tuple[list[int], list[str], np.ndarray]:
+    """Per-module values laid out as layers (rows) × module types (columns); NaN where a layer has no such module.
+
+    Modules outside the layers (a pooler) have no row and are left out.
+    """
+    types = module_types(values)
+    in_layers = {name: layer_of(name) for name in values if layer_of(name) is not None}
+    layers = sorted(set(in_layers.values()))
+    columns = sorted({types[name] for name in in_layers})
+    grid = np.full((len(layers), len(columns)), np.nan)  # (L, T)
+    for name, layer in in_layers.items():
+        grid[layers.index(layer), columns.index(types[name])] = values[name]
+    return layers, columns, grid
 
 
 def _pyplot():
@@ -80,9 +84,9 @@ def plot_rank_evolution(history: list[dict], path: str | Path) -> Path:
     return _save(figure, path)
 
 
-def plot_rank_heatmap(modules: list[ModuleRank], path: str | Path, title: str = "LoRA rank per module") -> Path:
-    """Writes a PNG heatmap of `rank_grid`."""
-    layers, types, grid = rank_grid(modules)
+def plot_module_heatmap(values: dict[str, float], path: str | Path, title: str, label: str) -> Path:
+    """Writes a PNG heatmap of `module_grid(values)`."""
+    layers, types, grid = module_grid(values)
     figure, axes = _pyplot().subplots(figsize=(1.2 + 0.9 * max(len(types), 1), 1.2 + 0.35 * max(len(layers), 1)))
     image = axes.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     axes.set_xticks(range(len(types)), types, rotation=45, ha="right")
@@ -90,5 +94,18 @@ def plot_rank_heatmap(modules: list[ModuleRank], path: str | Path, title: str = 
     axes.set_xlabel("module type")
     axes.set_ylabel("layer")
     axes.set_title(title)
-    figure.colorbar(image, ax=axes, label="rank")
+    figure.colorbar(image, ax=axes, label=label)
     return _save(figure, path)
+
+
+def plot_rank_heatmap(modules: list[ModuleRank], path: str | Path) -> Path:
+    """The final rank of every adapted module as a layers × module-type heatmap."""
+    return plot_module_heatmap({m.module: m.rank for m in modules}, path, "LoRA rank per module", "rank")
+
+
+def enabled_share(rows: list[dict]) -> dict[str, float]:
+    """Per module, the share of HeteroLoRA's reallocations that enabled it (from reallocation_history.jsonl)."""
+    counts: dict[str, list[int]] = {}
+    for row in rows:
+        counts.setdefault(row["module"], []).append(int(row["enabled"]))
+    return {name: sum(flags) / len(flags) for name, flags in counts.items()}

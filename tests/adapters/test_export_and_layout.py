@@ -9,11 +9,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from ranktune.adapters.layout import ModuleRank, module_types, read_module_ranks
+from ranktune.adapters.layout import module_types, read_module_ranks
 from ranktune.adapters.lora import attach_lora
 from ranktune.config import LoraSettings
 from ranktune.export import write_adapter
-from ranktune.reports import rank_grid
+from ranktune.reports import module_grid
 
 
 @pytest.fixture
@@ -88,7 +88,6 @@ def test_module_types_are_short_and_distinct():
     assert types["bert.encoder.layer.0.intermediate.dense"] == "intermediate.dense"
     assert types["bert.encoder.layer.0.attention.self.query"] == "query"
     assert types["bert.pooler.dense"] == "pooler.dense"
-    grid_types = rank_grid(
-        [ModuleRank(name, int(name.split(".")[3]), types[name], 4, 8, 8) for name in bert if "layer." in name]
-    )[1]
-    assert grid_types == ["attention.output.dense", "intermediate.dense", "output.dense", "query"]
+    layers, columns, grid = module_grid({name: float(i) for i, name in enumerate(bert)})
+    assert layers == [0, 1] and columns == ["attention.output.dense", "intermediate.dense", "output.dense", "query"]
+    assert grid[1, 0] == bert.index("bert.encoder.layer.1.attention.output.dense")  # the pooler has no row

@@ -1,6 +1,6 @@
-"""One L1RA or AdaLoRA training process; run alone or under torchrun. Dumps this process's final allocation state.
+"""One L1RA, AdaLoRA or HeteroLoRA training process, alone or under torchrun; dumps its final allocation state.
 
-Usage: python allocation_worker.py l1ra|adalora MODEL_DIR OUT_DIR PER_DEVICE_BATCH
+Usage: python allocation_worker.py l1ra|adalora|hetero MODEL_DIR OUT_DIR PER_DEVICE_BATCH
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from peft import AdaLoraConfig, TaskType, get_peft_model
+from peft import AdaLoraConfig, LoraConfig, TaskType, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -23,6 +23,9 @@ from transformers import (
 from ranktune import L1RAConfig, L1RATrainer
 from ranktune.allocation.adalora import AdaLoRASettings, AdaLoRAStrategy
 from ranktune.allocation.callback import AllocationCallback
+from ranktune.allocation.components import install_gates
+from ranktune.allocation.hetero import HeteroSettings, HeteroStrategy
+from ranktune.allocation.saliency import first_batches
 
 BLOCK = 24
 
@@ -74,6 +77,26 @@ def adalora(model, args: TrainingArguments, common: dict) -> dict:
     }
 
 
+def hetero(model, args: TrainingArguments, common: dict) -> dict:
+    """HeteroLoRA's offline dynamic search (grad_norm over 4 batches every 4 steps) on transformers' Trainer."""
+    model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8, lora_dropout=0.0,
+                                             target_modules=["q_proj", "v_proj", "down_proj"]))  # fmt: skip
+    modules = install_gates(model, 4)
+    batches = first_batches(common["train_dataset"], common["data_collator"], 4, 4)
+    settings = HeteroSettings(heuristic="grad_norm", every=4, keep=0.5, batches=4)
+    strategy = HeteroStrategy(model, modules, settings, batches, steps_per_epoch=16, seed=0)
+    Trainer(model=model, args=args, callbacks=[AllocationCallback(strategy)], **common).train()
+    return {
+        m.name: {
+            "mask": m.lora_A.lora_mask.clone(),
+            "gate": torch.tensor([strategy.scores[m.name]]),
+            "A": m.lora_A.weight.detach().clone(),
+            "B": m.lora_B.weight.detach().clone(),
+        }
+        for m in modules
+    }
+
+
 def main(method: str, model_dir: str, out_dir: str, batch: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
@@ -89,7 +112,7 @@ def main(method: str, model_dir: str, out_dir: str, batch: int) -> None:
         "data_collator": DataCollatorForLanguageModeling(tokenizer, mlm=False),
         "processing_class": tokenizer,
     }
-    state = {"l1ra": l1ra, "adalora": adalora}[method](model, args, common)
+    state = {"l1ra": l1ra, "adalora": adalora, "hetero": hetero}[method](model, args, common)
     torch.save(state, Path(out_dir) / f"state-{int(os.environ.get('RANK', '0'))}.pt")
 
 

@@ -20,8 +20,15 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RUN_INFO = "ranktune.json"
 RANK_HISTORY = "rank_history.jsonl"
+REALLOCATION_HISTORY = "reallocation_history.jsonl"
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def layer_of(name: str) -> int | None:
+    """The layer index in a module name (`model.layers.3.self_attn.q_proj` → 3); None outside the layers."""
+    match = _LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else None
 
 
 def module_types(names: Iterable[str]) -> dict[str, str]:
@@ -87,12 +94,11 @@ def read_module_ranks(adapter_dir: str | Path) -> list[ModuleRank]:
     ranks = []
     types = module_types(shapes)
     for module, parts in shapes.items():
-        layer = _LAYER_INDEX.search(module)
         rank, in_features = parts["A"]
         ranks.append(
             ModuleRank(
                 module=module,
-                layer=int(layer.group(1)) if layer else None,
+                layer=layer_of(module),
                 module_type=types[module],
                 rank=rank,
                 in_features=in_features,

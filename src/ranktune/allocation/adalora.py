@@ -121,10 +121,11 @@ class AdaLoRAStrategy:
             if not isinstance(getattr(output, "loss", None), torch.Tensor):
                 self.micro_batches_without_loss += 1
 
-    def start(self, total_steps: int, warmup_steps: int) -> None:
+    def start(self, total_steps: int, warmup_steps: int, resuming: bool = False) -> dict[str, Any] | None:
         """Sets `total_step` to the Trainer's run length (AdaLoRA's own `tinit` replaces warm-up)."""
         tinit, tfinal = schedule_steps(self.settings, total_steps)
         self.config.total_step, self.config.tinit, self.config.tfinal = total_steps, tinit, tfinal
+        return None
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:

@@ -15,6 +15,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ranktune.adapters.layout import REALLOCATION_HISTORY
 from ranktune.allocation.strategy import AllocationStrategy
 
 ALLOCATION_STATE = "allocation_state.pt"
@@ -29,17 +30,24 @@ class AllocationCallback(TrainerCallback):
         self.resume_from: str | None = None
 
     def _record(self, state: TrainerState, record: dict[str, Any]) -> None:
-        if self.history_path is not None and state.is_world_process_zero:
-            with self.history_path.open("a", encoding="utf-8") as stream:
-                stream.write(json.dumps(record) + "\n")
+        """Appends to rank_history.jsonl; HeteroLoRA's per-module rows go to reallocation_history.jsonl beside it."""
+        if self.history_path is None or not state.is_world_process_zero:
+            return
+        rows = record.pop("reallocation", [])
+        with self.history_path.open("a", encoding="utf-8") as stream:
+            stream.write(json.dumps(record) + "\n")
+        if rows:
+            with (self.history_path.parent / REALLOCATION_HISTORY).open("a", encoding="utf-8") as stream:
+                stream.writelines(json.dumps(row) + "\n" for row in rows)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self.strategy.start(state.max_steps, args.get_warmup_steps(state.max_steps))
-        if self.resume_from is not None:
+        resuming = self.resume_from is not None
+        first = self.strategy.start(state.max_steps, args.get_warmup_steps(state.max_steps), resuming)
+        if resuming:
             saved = torch.load(Path(self.resume_from) / ALLOCATION_STATE, weights_only=False)
             self.strategy.load_state_dict(saved)
         elif state.global_step == 0:
-            self._record(state, {"step": 0, **self.strategy.summary()})
+            self._record(state, first or {"step": 0, **self.strategy.summary()})
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.strategy.before_optimizer_step()

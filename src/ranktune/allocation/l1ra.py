@@ -97,7 +97,7 @@ class L1RAStrategy:
         self.first_update = 1
         self.total_steps = 0
 
-    def start(self, total_steps: int, warmup_steps: int) -> None:
+    def start(self, total_steps: int, warmup_steps: int, resuming: bool = False) -> dict[str, Any] | None:
         """Switches the gates' gradients on and fixes the rank-update schedule: every ratio · total steps, none at
         step 0 or during warm-up. Called once the Trainer has built its optimizer (which must not hold the gates).
         """
@@ -106,6 +106,7 @@ class L1RAStrategy:
         self.total_steps = total_steps
         self.update_every = max(1, int(self.settings.rank_update_ratio * total_steps))
         self.first_update = max(self.update_every, warmup_steps)
+        return None
 
     def before_optimizer_step(self) -> None:
         """Nothing to do: the gates step after the optimizer has stepped A and B."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from ranktune.config import LoraSettings
 from ranktune.errors import UserInputError
 
 SCORES_FORMAT = "ranktune-saliency-1"
@@ -124,3 +125,22 @@ def _read_yaml(path: str | Path, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserInputError(f"{what}: '{path}' must hold a mapping")
     return data
+
+
+def planned_lora(settings: LoraSettings) -> LoraSettings:
+    """The `lora` section with its plan applied: the enabled modules as exact targets at their planned ranks.
+
+    Every module keeps the pool's scale alpha / r (alpha_pattern = alpha · rank / r), so a redistributed rank changes
+    how many components a module has, not how strongly each counts.
+    """
+    if settings.plan is None:
+        return settings
+    enabled = {name: entry["rank"] for name, entry in read_plan(settings.plan).items() if entry["enabled"]}
+    return settings.model_copy(
+        update={
+            "target_modules": sorted(enabled),
+            "exclude_modules": None,
+            "rank_pattern": enabled,
+            "alpha_pattern": {name: settings.alpha * rank / settings.r for name, rank in enabled.items()},
+        }
+    )

@@ -27,8 +27,9 @@ import torch.distributed as dist
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from ranktune.config import HEURISTICS
+
 ADAPTER = "default"
-HEURISTICS = ("constant", "grad_norm", "snip", "synflow", "alpha_test")
 ALPHAS = tuple(i / 10 for i in range(11))
 
 Batch = dict[str, torch.Tensor]
@@ -179,6 +180,8 @@ def score_modules(
 ) -> dict[str, float]:
     """Scores every LoRA module of `model` with one heuristic over `batches` (kept in their order).
 
+    Leaves no gradient behind on any parameter, so it can run before training or between optimizer steps.
+
     Args:
         model: a PeftModel with every candidate LoRA module enabled.
         batches: collated batches with labels, the same list on every process.
@@ -204,6 +207,8 @@ def score_modules(
         raise ValueError(f"unknown heuristic '{heuristic}'; expected one of {', '.join(HEURISTICS)}")
     finally:
         model.train(was_training)
+        for parameter in model.parameters():
+            parameter.grad = None
 
 
 def first_batches(dataset: Iterable[dict[str, Any]], collator: Callable, batch_size: int, count: int) -> list[Batch]:

@@ -21,8 +21,10 @@ class AllocationStrategy(Protocol):
 
     name: str
 
-    def start(self, total_steps: int, warmup_steps: int) -> None:
-        """Fixes the schedule once the Trainer knows the run length and has built its optimizer."""
+    def start(self, total_steps: int, warmup_steps: int, resuming: bool = False) -> dict[str, Any] | None:
+        """Fixes the schedule once the Trainer knows the run length and has built its optimizer; returns a
+        history record when it already allocated (HeteroLoRA's first selection). `resuming`: the state will be
+        loaded from a checkpoint next."""
 
     def before_optimizer_step(self) -> None:
         """Runs after gradients are complete (and clipped), before optimizer.step()."""

@@ -22,8 +22,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ranktune.adapters.layout import RANK_HISTORY, module_totals, read_adapter_config, read_module_ranks
-    from ranktune.reports import plot_rank_evolution, plot_rank_heatmap, rank_table
+    from ranktune.adapters.layout import (
+        RANK_HISTORY,
+        REALLOCATION_HISTORY,
+        module_totals,
+        read_adapter_config,
+        read_module_ranks,
+    )
+    from ranktune.reports import enabled_share, plot_module_heatmap, plot_rank_evolution, plot_rank_heatmap, rank_table
 
     adapter_dir = Path(args.adapter_dir)
     read_adapter_config(adapter_dir)
@@ -42,4 +48,10 @@ def run(args: argparse.Namespace) -> int:
             history = [json.loads(line) for line in history_path.read_text(encoding="utf-8").splitlines()]
             evolution = Path(args.plot).with_name(Path(args.plot).stem + "-evolution.png")
             print(f"plot: {plot_rank_evolution(history, evolution)}")
+        reallocations = adapter_dir / REALLOCATION_HISTORY
+        if reallocations.is_file():
+            rows = [json.loads(line) for line in reallocations.read_text(encoding="utf-8").splitlines()]
+            enabled = Path(args.plot).with_name(Path(args.plot).stem + "-enabled.png")
+            share = enabled_share(rows)
+            print(f"plot: {plot_module_heatmap(share, enabled, 'Share of reallocations enabled', 'share enabled')}")
     return 0

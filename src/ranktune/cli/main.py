@@ -11,10 +11,19 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from ranktune.cli import assets_cmd, eval_cmd, generate_cmd, inspect_cmd, merge_cmd, train_cmd
+from ranktune.cli import (
+    assets_cmd,
+    eval_cmd,
+    generate_cmd,
+    inspect_cmd,
+    merge_cmd,
+    plan_cmd,
+    saliency_cmd,
+    train_cmd,
+)
 from ranktune.errors import RanktuneError
 
-COMMANDS = (train_cmd, eval_cmd, generate_cmd, merge_cmd, inspect_cmd, assets_cmd)
+COMMANDS = (train_cmd, eval_cmd, generate_cmd, merge_cmd, inspect_cmd, saliency_cmd, plan_cmd, assets_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,10 @@ from ranktune.adapters.lora import attach_peft, build_lora_config
 from ranktune.allocation.adalora import AdaLoRASettings, AdaLoRAStrategy, build_adalora_config
 from ranktune.allocation.callback import AllocationCallback
 from ranktune.allocation.components import install_gates
+from ranktune.allocation.hetero import HeteroSettings, HeteroStrategy
 from ranktune.allocation.l1ra import L1RASettings, L1RAStrategy
+from ranktune.allocation.plan import planned_lora
+from ranktune.allocation.saliency import first_batches
 from ranktune.allocation.strategy import AllocationStrategy
 from ranktune.config import AdaLoRAAllocation, RunConfig
 
@@ -27,14 +31,18 @@ class AttachedAllocation:
     callback: AllocationCallback
 
 
+def steps_per_epoch(args: TrainingArguments, train_rows: int) -> int:
+    """Optimizer steps in one epoch, as the Trainer counts them."""
+    per_batch = args.per_device_train_batch_size * args.world_size
+    batches = train_rows // per_batch if args.dataloader_drop_last else math.ceil(train_rows / per_batch)
+    return max(1, math.ceil(batches / args.gradient_accumulation_steps))
+
+
 def estimate_total_steps(args: TrainingArguments, train_rows: int) -> int:
     """Optimizer steps of the run as the Trainer will count them (it fixes the exact number in `on_train_begin`)."""
     if args.max_steps > 0:
         return args.max_steps
-    per_batch = args.per_device_train_batch_size * args.world_size
-    batches = train_rows // per_batch if args.dataloader_drop_last else math.ceil(train_rows / per_batch)
-    updates = math.ceil(batches / args.gradient_accumulation_steps)
-    return max(1, math.ceil(args.num_train_epochs * updates))
+    return max(1, math.ceil(args.num_train_epochs * steps_per_epoch(args, train_rows)))
 
 
 def adalora_settings(allocation: AdaLoRAAllocation, lora_r: int) -> AdaLoRASettings:
@@ -44,7 +52,12 @@ def adalora_settings(allocation: AdaLoRAAllocation, lora_r: int) -> AdaLoRASetti
 
 
 def attach_adapter(
-    model: PreTrainedModel, config: RunConfig, args: TrainingArguments, train_rows: int, output_dir: Path
+    model: PreTrainedModel,
+    config: RunConfig,
+    args: TrainingArguments,
+    train_dataset: Sized,
+    collator: Callable,
+    output_dir: Path,
 ) -> tuple[PeftModel, AttachedAllocation | None]:
     """Wraps the base model with LoRA (or PEFT's AdaLoRA) and sets up the allocation strategy, if any.
 
@@ -52,19 +65,28 @@ def attach_adapter(
         UserInputError: targets that match nothing, or an AdaLoRA schedule with no room to reallocate.
     """
     allocation = config.allocation
-    lora_config = build_lora_config(config.lora, config.model.task)
+    lora_config = build_lora_config(planned_lora(config.lora), config.model.task)
     checkpointing = bool(args.gradient_checkpointing)
     history = output_dir / RANK_HISTORY
     if allocation.method == "adalora":
         settings = adalora_settings(allocation, config.lora.r)
-        adalora_config = build_adalora_config(lora_config, settings, estimate_total_steps(args, train_rows))
+        adalora_config = build_adalora_config(lora_config, settings, estimate_total_steps(args, len(train_dataset)))
         model = attach_peft(model, adalora_config, checkpointing)
         strategy: AllocationStrategy = AdaLoRAStrategy(model, settings)
         return model, AttachedAllocation(strategy, AllocationCallback(strategy, history))
     model = attach_peft(model, lora_config, checkpointing)
     if allocation.method == "none":
         return model, None
+    seed = int(config.training.get("seed", 42))
+    if allocation.method == "hetero":
+        modules = install_gates(model, config.lora.r)  # on/off per module: no capacity beyond the pool rank
+        settings = HeteroSettings(**allocation.model_dump(exclude={"method"}))
+        batch_size = args.per_device_train_batch_size
+        batches = [] if settings.online else first_batches(train_dataset, collator, batch_size, settings.batches)
+        epoch = steps_per_epoch(args, len(train_dataset))
+        strategy = HeteroStrategy(model, modules, settings, batches, epoch, seed=seed)
+        return model, AttachedAllocation(strategy, AllocationCallback(strategy, history))
     modules = install_gates(model, allocation.max_rank or 2 * config.lora.r)
     settings = L1RASettings(**allocation.model_dump(exclude={"method", "max_rank"}))
-    strategy = L1RAStrategy(modules, settings, seed=int(config.training.get("seed", 42)))
+    strategy = L1RAStrategy(modules, settings, seed=seed)
     return model, AttachedAllocation(strategy, AllocationCallback(strategy, history))

@@ -12,6 +12,7 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, T
 from transformers.trainer_utils import get_last_checkpoint
 
 from ranktune.adapters.layout import RUN_INFO
+from ranktune.allocation.plan import read_plan
 from ranktune.config import DataConfig, RunConfig
 from ranktune.data import build_collator, detect_format, load_splits, prepare_causal_lm, prepare_classification
 from ranktune.errors import RanktuneError, UserInputError
@@ -127,11 +128,14 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
     if _launched_as_main():
         save_resolved_config(config, output_dir)
     task = config.model.task
+    if config.lora.plan:
+        read_plan(config.lora.plan)  # a bad plan fails before the data and the model are loaded
     run = prepare_run(config)
     model_path, tokenizer, datasets, label_names = run.model_path, run.tokenizer, run.datasets, run.label_names
     data_format, model = run.data_format, run.model
     args = build_training_arguments(config, output_dir, has_validation="validation" in datasets)
-    model, allocation = attach_adapter(model, config, args, len(datasets["train"]), output_dir)
+    collator = build_collator(tokenizer, task, packing=config.data.packing)
+    model, allocation = attach_adapter(model, config, args, datasets["train"], collator, output_dir)
     trainable, total = model.get_nb_trainable_parameters()
     _log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     if allocation:
@@ -140,7 +144,6 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
             f"{allocation.strategy.name}: starting at total rank {active['total_rank']:,} "
             f"({active['active_parameters']:,} active rank-component parameters; the rest is fixed capacity)"
         )
-    collator = build_collator(tokenizer, task, packing=config.data.packing)
     num_labels = len(label_names) if label_names else None
     stopper = StopOnSignal()
     trainer = Trainer(

@@ -1,0 +1,165 @@
+"""HeteroLoRA's dynamic search over LoRA modules: switch modules on and off by saliency during training.
+
+Every candidate keeps its LoRA at the pool rank for the whole run (gated components with capacity r and gates
+fixed at 1); a disabled module has all its components masked, so it computes nothing and its output is exactly zero.
+Every `every` optimizer steps the strategy scores the candidates and enables the top floor(keep · N):
+
+- offline (default): every candidate switched on, then the saliency heuristic over the first `batches` training
+  batches in order (`allocation/saliency.py`): extra forward/backward passes at each reallocation;
+- online: the mean, since the last reallocation, of the heuristic computed from the training gradients themselves
+  (grad_norm or snip), at no extra pass. A disabled module has no gradient, so it competes with the score it had
+  when it was switched off. Until the first reallocation every module is on, so every module gets a score.
+
+Disabled modules keep their parameters and optimizer state frozen: their gradients are dropped before the
+optimizer step, so the optimizer skips them, and they resume where they were when enabled again. Equal scores are
+ordered by a random draw seeded by (seed, step), and scores come from all-reduced gradients, so every distributed
+process takes the same decision; every parameter still takes part in every forward pass, so DDP needs no
+find_unused_parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from ranktune.allocation.components import GatedModule
+from ranktune.allocation.plan import rank_order
+from ranktune.allocation.saliency import Batch, score_modules
+from ranktune.allocation.strategy import FoldedFactors
+from ranktune.config import Heuristic
+
+
+@dataclass(frozen=True)
+class HeteroSettings:
+    """The dynamic search's knobs; `every` is a fraction of an epoch (float below 1) or a step count (int)."""
+
+    heuristic: Heuristic = "grad_norm"
+    every: int | float = 0.2
+    keep: float = 0.25
+    batches: int = 32
+    online: bool = False
+
+
+def reallocation_interval(every: int | float, steps_per_epoch: int) -> int:
+    """Optimizer steps between reallocations."""
+    if isinstance(every, int):
+        return max(1, every)
+    return max(1, math.ceil(every * steps_per_epoch))
+
+
+class HeteroStrategy:
+    """Enables the top-scoring fraction of LoRA modules at every reallocation; masks the rest."""
+
+    name = "hetero"
+
+    def __init__(
+        self,
+        model: PeftModel,
+        modules: list[GatedModule],
+        settings: HeteroSettings,
+        batches: list[Batch],
+        steps_per_epoch: int,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.modules = {m.name: m for m in modules}
+        self.settings = settings
+        self.batches = batches
+        self.interval = reallocation_interval(settings.every, steps_per_epoch)
+        self.seed = seed
+        self.keep_count = max(1, math.floor(settings.keep * len(modules)))
+        self.enabled = dict.fromkeys(self.modules, True)
+        self.scores = dict.fromkeys(self.modules, 0.0)
+        self.online_sums = dict.fromkeys(self.modules, 0.0)
+        self.online_counts = dict.fromkeys(self.modules, 0)
+        self.total_steps = 0
+
+    def start(self, total_steps: int, warmup_steps: int, resuming: bool = False) -> dict[str, Any] | None:
+        """Offline search: the first selection, before the first step. Online search starts with every module on.
+        A resumed run takes its selection from the checkpoint instead."""
+        self.total_steps = total_steps
+        return None if self.settings.online or resuming else self.reallocate(step=0)
+
+    def _set_enabled(self, name: str, enabled: bool) -> None:
+        module = self.modules[name]
+        module.lora_A.lora_mask[:] = enabled
+        module.lora_A.refresh()
+        self.enabled[name] = enabled
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Online: accumulates the heuristic from the training gradients. Disabled modules: drops their gradients."""
+        for name, module in self.modules.items():
+            lora_a, lora_b = module.lora_A.weight, module.lora_B.weight
+            if not self.enabled[name]:
+                lora_a.grad = lora_b.grad = None
+                continue
+            if self.settings.online and lora_a.grad is not None and lora_b.grad is not None:
+                if self.settings.heuristic == "snip":
+                    score = (lora_a * lora_a.grad).abs().sum() + (lora_b * lora_b.grad).abs().sum()
+                else:
+                    score = lora_a.grad.norm() + lora_b.grad.norm()
+                self.online_sums[name] += float(score)
+                self.online_counts[name] += 1
+
+    def _current_scores(self) -> dict[str, float]:
+        if self.settings.online:
+            for name in self.modules:
+                if self.online_counts[name]:
+                    self.scores[name] = self.online_sums[name] / self.online_counts[name]
+                self.online_sums[name], self.online_counts[name] = 0.0, 0
+            return dict(self.scores)
+        for name in self.modules:
+            self._set_enabled(name, True)  # score every candidate switched on
+        self.scores = score_modules(self.model, self.batches, self.settings.heuristic)
+        return dict(self.scores)
+
+    def reallocate(self, step: int) -> dict[str, Any]:
+        """Scores the candidates and enables the top `keep`; returns the record for the histories."""
+        scores = self._current_scores()
+        chosen = set(rank_order(scores, seed=self.seed * 1_000_003 + step)[: self.keep_count])
+        for name in self.modules:
+            self._set_enabled(name, name in chosen)
+        rows = [{"step": step, "module": n, "score": scores[n], "enabled": n in chosen} for n in self.modules]
+        return {"step": step, **self.summary(), "reallocation": rows}
+
+    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> dict[str, Any] | None:
+        if step % self.interval != 0 or step >= self.total_steps:
+            return None
+        return self.reallocate(step)
+
+    def totals(self) -> dict[str, int]:
+        return {
+            "total_rank": sum(m.rank for m in self.modules.values()),
+            "active_parameters": sum(m.rank * m.cost for m in self.modules.values()),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        modules = {
+            name: {"rank": m.rank, "score": self.scores[name], "enabled": self.enabled[name]}
+            for name, m in self.modules.items()
+        }
+        return {**self.totals(), "modules": modules}
+
+    def folded_factors(self) -> FoldedFactors:
+        """Enabled modules at their full rank; disabled ones are left out of the adapter (they contribute 0)."""
+        return {name: m.folded() for name, m in self.modules.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "enabled": dict(self.enabled),
+            "scores": dict(self.scores),
+            "online_sums": dict(self.online_sums),
+            "online_counts": dict(self.online_counts),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, enabled in state["enabled"].items():
+            self._set_enabled(name, enabled)
+        self.scores = dict(state["scores"])
+        self.online_sums = dict(state["online_sums"])
+        self.online_counts = dict(state["online_counts"])

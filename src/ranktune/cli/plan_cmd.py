@@ -1,0 +1,60 @@
+"""`ranktune plan scores.json --keep 0.25 [--redistribute] --out plan.yaml`: a static HeteroLoRA plan.
+
+Apply it with `lora.plan: plan.yaml` in a training config.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import yaml
+
+from ranktune.errors import UserInputError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("plan", help="keep the top-scoring LoRA modules: a plan for lora.plan")
+    parser.add_argument("scores", help="a `ranktune saliency` output")
+    parser.add_argument("--keep", type=float, default=0.25, help="fraction of modules to keep (0.25)")
+    parser.add_argument(
+        "--redistribute", action="store_true", help="spread the kept modules' parameter budget by score"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="orders equal scores (0)")
+    parser.add_argument("--out", required=True, metavar="plan.yaml")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ranktune.allocation.plan import PLAN_FORMAT, make_plan, read_scores
+    from ranktune.files import write_text_atomically
+
+    if not args.out.endswith((".yaml", ".yml")):
+        raise UserInputError(f"--out expects a .yaml file name, got '{args.out}'")
+    data = read_scores(args.scores)
+    modules = data["modules"]
+    try:
+        scores = {name: float(entry["score"]) for name, entry in modules.items()}
+        costs = {name: int(entry["in_features"]) + int(entry["out_features"]) for name, entry in modules.items()}
+        rank = int(data["lora_r"])
+    except (KeyError, TypeError, ValueError) as error:
+        message = f"'{args.scores}': a module entry lacks score / in_features / out_features ({error})"
+        raise UserInputError(message) from None
+    plan = make_plan(scores, args.keep, rank, costs, redistribute=args.redistribute, seed=args.seed)
+    payload = {
+        "format": PLAN_FORMAT,
+        "scores": args.scores,
+        "heuristic": data.get("heuristic"),
+        "keep": args.keep,
+        "redistribute": args.redistribute,
+        "seed": args.seed,
+        "modules": plan,
+    }
+    write_text_atomically(args.out, yaml.safe_dump(payload, sort_keys=False))
+    kept = {name: entry for name, entry in plan.items() if entry["enabled"]}
+    before = rank * sum(costs[name] for name in kept)
+    after = sum(entry["rank"] * costs[name] for name, entry in kept.items())
+    print(f"kept {len(kept)} of {len(plan)} modules; LoRA parameters {after:,} (pool rank {rank} on them: {before:,})")
+    for name, entry in kept.items():
+        print(f"  r {entry['rank']:>3}  score {entry['score']:.5g}  {name}")
+    print(f"plan: {args.out}")
+    return 0

@@ -1,0 +1,65 @@
+"""HeteroLoRA's static search through the console script: saliency → plan → train with lora.plan."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from safetensors.torch import load_file
+
+from tests.cli.helpers import assert_clean_error, run_cli
+from tests.cli.test_train_cmd import WORDS, write_config
+
+
+def test_saliency_plan_and_training_with_the_plan(make_model_dir, tmp_path):
+    rows = [{"text": f"{w} and {v} again {w}"} for w in WORDS for v in WORDS]
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = write_config(
+        tmp_path,
+        f"""
+        model: {{name_or_path: {make_model_dir("llama")}}}
+        data: {{train: {tmp_path / "text.jsonl"}, max_length: 32}}
+        lora: {{r: 4, target_modules: all-linear}}
+        training: {{max_steps: 3, per_device_train_batch_size: 4, save_strategy: "no"}}
+        output_dir: {tmp_path / "out"}
+        """,
+    )
+    scoring = ["saliency", str(config), "--heuristic", "synflow", "--batches", "2", "--out", "s.json"]
+    scored = run_cli(*scoring, cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    scores = json.loads((tmp_path / "s.json").read_text())
+    modules = scores["modules"]
+    assert scores["heuristic"] == "synflow" and scores["batches"] == 2 and len(modules) == 14  # 2 layers x 7
+    values = [entry["score"] for entry in modules.values()]
+    assert values == sorted(values, reverse=True) and values[-1] > 0  # informative at B = 0, sorted
+    assert scored.stdout.splitlines()[1].split()[-1] == next(iter(modules))  # the table starts with the best
+
+    planned = run_cli("plan", "s.json", "--keep", "0.25", "--redistribute", "--out", "plan.yaml", cwd=tmp_path)
+    assert planned.returncode == 0, planned.stderr
+    plan = yaml.safe_load((tmp_path / "plan.yaml").read_text())["modules"]
+    kept = {name: entry["rank"] for name, entry in plan.items() if entry["enabled"]}
+    assert len(kept) == 3 == int(0.25 * 14) and set(kept) == set(list(modules)[:3])
+    cost = {name: entry["in_features"] + entry["out_features"] for name, entry in modules.items()}
+    assert sum(rank * cost[name] for name, rank in kept.items()) <= 4 * sum(cost[name] for name in kept)
+
+    trained = run_cli("train", str(config), f"lora.plan={tmp_path / 'plan.yaml'}")
+    assert trained.returncode == 0, trained.stderr
+    adapter = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == sorted(kept) and adapter["rank_pattern"] == kept
+    tensors = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    adapted = {key.split(".lora_A")[0].removeprefix("base_model.model.") for key in tensors if "lora_A" in key}
+    assert adapted == set(kept)
+
+
+def test_plan_refuses_a_file_that_is_not_scores(tmp_path):
+    (tmp_path / "other.json").write_text('{"modules": {}}')
+    result = run_cli("plan", str(tmp_path / "other.json"), "--out", str(tmp_path / "plan.yaml"))
+    assert_clean_error(result, 2, "is not a `ranktune saliency` output")
+    assert not (tmp_path / "plan.yaml").exists()
+
+
+def test_training_refuses_a_plan_that_enables_nothing(tmp_path):
+    (tmp_path / "plan.yaml").write_text("format: ranktune-plan-1\nmodules: {a.q_proj: {enabled: false, rank: 0}}\n")
+    config = write_config(tmp_path, f"model: {{name_or_path: x}}\ndata: {{train: x}}\noutput_dir: {tmp_path / 'o'}\n")
+    result = run_cli("train", str(config), f"lora.plan={tmp_path / 'plan.yaml'}")
+    assert_clean_error(result, 2, "enables no module")

@@ -1,0 +1,97 @@
+"""HeteroLoRA's dynamic search on a tiny llama: the top `keep` modules on, the rest frozen, offline and online."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from ranktune.allocation.components import install_gates
+from ranktune.allocation.hetero import HeteroSettings, HeteroStrategy
+from ranktune.config import validate_config
+from ranktune.errors import UserInputError
+from ranktune.reports import enabled_share
+from ranktune.training import train
+from tests.cli.helpers import run_cli
+from tests.training.resume import history
+from tests.training.test_run import text_config
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]  # 2 layers: 10 modules
+
+
+def hetero_config(model_dir, tmp_path, **allocation):
+    config = text_config(model_dir, tmp_path, max_steps=12, logging_steps=4, seed=3)
+    config["lora"] = {"r": 4, "dropout": 0.0, "target_modules": TARGETS}
+    config["allocation"] = {"method": "hetero", "every": 4, "keep": 0.3, "batches": 2, **allocation}
+    return config
+
+
+def reallocations(out) -> dict[int, dict[str, dict]]:
+    rows = [json.loads(line) for line in (out / "reallocation_history.jsonl").read_text().splitlines()]
+    by_step: dict[int, dict[str, dict]] = {}
+    for row in rows:
+        by_step.setdefault(row["step"], {})[row["module"]] = row
+    return by_step
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_dynamic_search_keeps_the_top_fraction_and_exports_it(online, make_model_dir, tmp_path):
+    model_dir = make_model_dir("llama")
+    result = train(validate_config(hetero_config(model_dir, tmp_path, online=online)))
+    steps = reallocations(result.output_dir)
+    assert sorted(steps) == ([4, 8] if online else [0, 4, 8])  # offline also selects before the first step
+    for rows in steps.values():
+        assert len(rows) == 10 and sum(r["enabled"] for r in rows.values()) == math.floor(0.3 * 10)
+        kept_scores = [r["score"] for r in rows.values() if r["enabled"]]
+        assert min(kept_scores) >= max(r["score"] for r in rows.values() if not r["enabled"])
+        assert all(r["score"] > 0 for r in rows.values())
+    records = history(result.output_dir)
+    assert all(r["total_rank"] == 3 * 4 for r in records if r["step"] > 0 or not online)
+
+    final = {name for name, row in steps[8].items() if row["enabled"]}
+    adapter = json.loads((result.output_dir / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == sorted(final) and set(adapter["rank_pattern"].values()) == {4}
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), result.output_dir)
+    with torch.no_grad():
+        assert torch.isfinite(loaded(torch.tensor([[5, 6, 7, 8]])).logits).all()
+
+    shown = run_cli("inspect", str(result.output_dir), "--plot", str(tmp_path / "ranks.png"))
+    assert shown.returncode == 0, shown.stderr
+    for png in ("ranks.png", "ranks-evolution.png", "ranks-enabled.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG" and f"plot: {tmp_path / png}" in shown.stdout
+    share = enabled_share([row for rows in steps.values() for row in rows.values()])
+    assert all(0.0 <= value <= 1.0 for value in share.values()) and sum(share.values()) == pytest.approx(3.0)
+
+
+def test_disabled_modules_keep_parameters_and_optimizer_state_frozen(make_model_dir):
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(make_model_dir("llama"))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    modules = install_gates(model, 4)
+    strategy = HeteroStrategy(model, modules, HeteroSettings(heuristic="constant", keep=0.5), [], steps_per_epoch=10)
+    strategy.start(total_steps=10, warmup_steps=0)  # constant scores: a seeded half is enabled
+    disabled = [m for m in modules if not strategy.enabled[m.name]]
+    assert len(disabled) == 2 and all(m.rank == 0 for m in disabled)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    frozen = {m.name: (m.lora_A.weight.detach().clone(), m.lora_B.weight.detach().clone()) for m in disabled}
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        strategy.before_optimizer_step()
+        optimizer.step()
+        optimizer.zero_grad()
+    for m in disabled:
+        assert torch.equal(m.lora_A.weight, frozen[m.name][0]) and torch.equal(m.lora_B.weight, frozen[m.name][1])
+        assert m.lora_A.weight not in optimizer.state  # no moments, no step count, no weight decay
+    enabled = [m for m in modules if strategy.enabled[m.name]]
+    assert all(m.lora_B.weight.abs().sum() > 0 for m in enabled)
+
+
+def test_online_scoring_needs_a_gradient_heuristic(make_model_dir, tmp_path):
+    config = hetero_config(make_model_dir("llama"), tmp_path, online=True, heuristic="synflow")
+    with pytest.raises(UserInputError, match="online scoring uses the training gradients"):
+        validate_config(config)
