@@ -188,8 +188,9 @@ def test_adalora_ranks_default_from_lora_r(tmp_path):
 @pytest.mark.parametrize(
     ("lines", "expected"),
     [
-        (["init_r: 4", "target_r: 6"], "allocation.target_r (6) must not exceed allocation.init_r (4)"),
-        (["tinit: 1.5"], "a fraction of the run must be below 1, got 1.5"),
+        (["init_r: 4", "target_r: 6"], "allocation.target_r (6) must be below allocation.init_r (4)"),
+        (["init_r: 6", "target_r: 6"], "allocation.target_r (6) must be below allocation.init_r (6)"),
+        (["tinit: 1.5"], "'allocation.tinit': a fraction must be below 1, got 1.5"),
         (["delta_t: 5"], "Did you mean 'deltaT'?"),
         (["beta1: 1.0"], "'allocation.beta1'"),
     ],
@@ -206,3 +207,11 @@ def test_adalora_refuses_lora_settings_it_would_ignore(tmp_path):
 def test_max_rank_below_lora_r_is_refused(tmp_path):
     text = ISSUE_EXAMPLE.replace("method: none", "method: l1ra\n  max_rank: 4")
     assert error_of(write(tmp_path, text)).endswith("allocation.max_rank (4) must be at least lora.r (8)")
+
+
+def test_switching_allocation_method_by_override_names_the_stale_keys(tmp_path):
+    text = ISSUE_EXAMPLE.replace("method: none", "method: l1ra\n  eta_c: 0.05")
+    message = error_of(write(tmp_path, text), ["allocation.method=none"])
+    assert "'allocation.eta_c' does not apply: allocation.method 'none' takes no other keys" in message
+    assert "`allocation={method: none}`" in message
+    assert load_config(write(tmp_path, text), ["allocation={method: none}"]).allocation.method == "none"

@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ranktune.errors import UserInputError, did_you_mean
 
@@ -126,6 +135,16 @@ class L1RAAllocation(_Section):
     min_rank: int = Field(default=1, ge=0)
 
 
+def _steps_or_fraction(value: int | float) -> int | float:
+    if isinstance(value, float) and value >= 1.0:
+        raise ValueError(f"a fraction must be below 1, got {value}; give a whole number for steps")
+    return value
+
+
+StepsOrFraction = Annotated[int | float, AfterValidator(_steps_or_fraction)]
+"""A number of optimizer steps (int) or a fraction (float below 1) of the run or of an epoch."""
+
+
 class AdaLoRAAllocation(_Section):
     """AdaLoRA (PEFT): every module starts at `init_r`; an importance-scored budget shrinks to `target_r` per module.
 
@@ -136,19 +155,12 @@ class AdaLoRAAllocation(_Section):
     method: Literal["adalora"]
     init_r: int | None = Field(default=None, gt=0)
     target_r: int | None = Field(default=None, gt=0)
-    tinit: int | float = Field(default=0.1, ge=0)
-    tfinal: int | float = Field(default=0.2, ge=0)
+    tinit: StepsOrFraction = Field(default=0.1, ge=0)
+    tfinal: StepsOrFraction = Field(default=0.2, ge=0)
     deltaT: int = Field(default=10, gt=0)
     beta1: float = Field(default=0.85, gt=0.0, lt=1.0)
     beta2: float = Field(default=0.85, gt=0.0, lt=1.0)
     orth_reg_weight: float = Field(default=0.5, ge=0.0)
-
-    @field_validator("tinit", "tfinal")
-    @classmethod
-    def _steps_or_fraction(cls, value: int | float) -> int | float:
-        if isinstance(value, float) and value >= 1.0:
-            raise ValueError(f"a fraction of the run must be below 1, got {value}; give a whole number for steps")
-        return value
 
     def ranks(self, lora_r: int) -> tuple[int, int]:
         """(init_r, target_r) with the defaults filled from lora.r."""
@@ -169,17 +181,10 @@ class HeteroAllocation(_Section):
 
     method: Literal["hetero"]
     heuristic: Heuristic = "grad_norm"
-    every: int | float = Field(default=0.2, gt=0)
+    every: StepsOrFraction = Field(default=0.2, gt=0)
     keep: float = Field(default=0.25, gt=0.0, le=1.0)
     batches: int = Field(default=32, gt=0)
     online: bool = False
-
-    @field_validator("every")
-    @classmethod
-    def _fraction_below_one(cls, value: int | float) -> int | float:
-        if isinstance(value, float) and value >= 1.0:
-            raise ValueError(f"a fraction of an epoch must be below 1, got {value}; give a whole number for steps")
-        return value
 
     @model_validator(mode="after")
     def _online_needs_gradients(self) -> HeteroAllocation:
@@ -218,12 +223,12 @@ class RunConfig(_Section):
         return self
 
     def _check_adalora(self) -> None:
-        unsupported = [key for key in ("rslora", "rank_pattern", "alpha_pattern") if getattr(self.lora, key)]
+        unsupported = [key for key in ("rslora", "rank_pattern", "alpha_pattern", "plan") if getattr(self.lora, key)]
         if unsupported:
             raise ValueError(f"allocation.method 'adalora' does not support lora.{unsupported[0]}")
         init_r, target_r = self.allocation.ranks(self.lora.r)
-        if target_r > init_r:
-            raise ValueError(f"allocation.target_r ({target_r}) must not exceed allocation.init_r ({init_r})")
+        if target_r >= init_r:
+            raise ValueError(f"allocation.target_r ({target_r}) must be below allocation.init_r ({init_r})")
 
     @field_validator("training")
     @classmethod
@@ -376,6 +381,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+_ALLOCATION_KEYS = {
+    key for member in typing.get_args(typing.get_args(AllocationConfig)[0]) for key in member.model_fields
+}
+
+
 def _section_at(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, str]:
     """Walks the config models along an error location; returns the model that owns the last key and its path."""
     model: type[BaseModel] | None = RunConfig
@@ -409,6 +419,15 @@ def _describe(error: dict[str, Any]) -> str:
                 alias = field.validation_alias
                 if isinstance(alias, AliasChoices):
                     names.extend(str(c) for c in alias.choices)
+        method = model.model_fields.get("method") if model else None
+        if method is not None and str(loc[-1]) in _ALLOCATION_KEYS:  # a key of another allocation method
+            chosen = typing.get_args(method.annotation)[0]
+            own = [n for n in names if n != "method"]
+            takes = f"takes {', '.join(own)}" if own else "takes no other keys"
+            return (
+                f"'{dotted}' does not apply: allocation.method '{chosen}' {takes}; to switch methods, replace the "
+                f"whole section, e.g. `allocation={{method: {chosen}}}`"
+            )
         return f"unknown key '{dotted}'.{did_you_mean(str(loc[-1]), names)}"
     if error["type"] == "missing":
         return f"missing required key '{dotted}'"

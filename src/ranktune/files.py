@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -25,6 +26,16 @@ def staged_folder(target: Path, prefix: str) -> Iterator[Path]:
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Keeps the JSON lines of `path` whose "step" is at most `step`: what a resumed run had written before its
+    checkpoint, without the rows a run that died after the checkpoint left behind."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def write_text_atomically(path: str | Path, text: str) -> Path:

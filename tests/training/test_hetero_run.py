@@ -17,13 +17,14 @@ from ranktune.errors import UserInputError
 from ranktune.reports import enabled_share
 from ranktune.training import train
 from tests.cli.helpers import run_cli
-from tests.training.resume import history
+from tests.training.resume import assert_resume_is_exact, history
 from tests.training.test_run import text_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]  # 2 layers: 10 modules
 
 
 def hetero_config(model_dir, tmp_path, **allocation):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config = text_config(model_dir, tmp_path, max_steps=12, logging_steps=4, seed=3)
     config["lora"] = {"r": 4, "dropout": 0.0, "target_modules": TARGETS}
     config["allocation"] = {"method": "hetero", "every": 4, "keep": 0.3, "batches": 2, **allocation}
@@ -64,7 +65,8 @@ def test_dynamic_search_keeps_the_top_fraction_and_exports_it(online, make_model
     for png in ("ranks.png", "ranks-evolution.png", "ranks-enabled.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG" and f"plot: {tmp_path / png}" in shown.stdout
     share = enabled_share([row for rows in steps.values() for row in rows.values()])
-    assert all(0.0 <= value <= 1.0 for value in share.values()) and sum(share.values()) == pytest.approx(3.0)
+    expected = {n: sum(rows[n]["enabled"] for rows in steps.values()) / len(steps) for n in steps[8]}
+    assert share == expected
 
 
 def test_disabled_modules_keep_parameters_and_optimizer_state_frozen(make_model_dir):
@@ -89,6 +91,15 @@ def test_disabled_modules_keep_parameters_and_optimizer_state_frozen(make_model_
         assert m.lora_A.weight not in optimizer.state  # no moments, no step count, no weight decay
     enabled = [m for m in modules if strategy.enabled[m.name]]
     assert all(m.lora_B.weight.abs().sum() > 0 for m in enabled)
+
+
+def test_interrupted_and_resumed_dynamic_search_gives_the_same_adapter(make_model_dir, tmp_path):
+    """The checkpoint at step 6 falls between the reallocations at 4 and 8."""
+    model_dir = make_model_dir("llama")
+    straight, checkpointed = (hetero_config(model_dir, tmp_path / name) for name in "ab")
+    assert_resume_is_exact(straight, checkpointed, save_steps=6, max_steps=12)
+    rows = (tmp_path / "b" / "out" / "reallocation_history.jsonl").read_text().splitlines()
+    assert len(rows) == 3 * 10  # steps 0, 4 and 8: what the dead run wrote after its checkpoint was dropped
 
 
 def test_online_scoring_needs_a_gradient_heuristic(make_model_dir, tmp_path):

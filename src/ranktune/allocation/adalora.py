@@ -6,11 +6,12 @@ components by zeroing entries of E: static shapes by construction. What PEFT lea
 - `update_and_allocate` runs at `on_optimizer_step`, after optimizer.step() and before zero_grad, with the number of
   the optimizer step just taken (1-based, so the final mask falls on the last step even with `tfinal: 0`).
 - `total_step` is the Trainer's own `max_steps`; `tinit` / `tfinal` may be given as fractions of it.
-- The orthogonal regulariser, which PEFT adds inside the model's forward only when the output carries a loss, is
-  added to the gradients before the optimizer step whenever the loss was computed outside the model.
+- The orthogonal regulariser, which PEFT adds inside the model's forward only when the output carries a loss (and
+  which the Trainer's loss scaling then multiplies), is added to the gradients once per optimizer step instead.
 - The budget's masks live here, not in `peft_config.rank_pattern`: PEFT resizes a saved AdaLoRA adapter to that
   pattern, which would make checkpoints lose the masked components and their optimizer state.
-- The export folds E and the scale into vanilla LoRA factors: A' = (A · E)[kept], B' = B[:, kept] · alpha / ranknum.
+- The export folds E and the scale into vanilla LoRA factors:
+  A' = (A · E)[kept], B' = B[:, kept] · alpha / (ranknum + 1e-5).
 """
 
 from __future__ import annotations
@@ -111,15 +112,7 @@ class AdaLoRAStrategy:
             if isinstance(layer, AdaLoraLayer) and ADAPTER in layer.lora_A
         }
         self.masks: dict[str, list[bool]] | None = None  # {"<module>.lora_E.default": keep per component}
-        self.micro_batches = 0
-        self.micro_batches_without_loss = 0
-        self.tuner.register_forward_hook(self._note_loss)
-
-    def _note_loss(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if module.training and torch.is_grad_enabled():
-            self.micro_batches += 1
-            if not isinstance(getattr(output, "loss", None), torch.Tensor):
-                self.micro_batches_without_loss += 1
+        self.config.orth_reg_weight = 0.0  # the strategy adds the regulariser itself, once per optimizer step
 
     def start(self, total_steps: int, warmup_steps: int, resuming: bool = False) -> dict[str, Any] | None:
         """Sets `total_step` to the Trainer's run length (AdaLoRA's own `tinit` replaces warm-up)."""
@@ -129,15 +122,15 @@ class AdaLoRAStrategy:
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
-        """Adds the orthogonal regulariser's gradient for the micro-batches whose loss the model did not compute.
+        """Adds `orth_reg_weight · ∇R` to the gradients, once per optimizer step.
 
-        PEFT adds `orth_reg_weight · R` to the loss in the model's forward; when the loss comes from outside (a
-        `compute_loss_func`, label smoothing, some TRL losses) this adds the same gradient, scaled by the share of
-        micro-batches that lacked it. It is added after gradient clipping, so it is not clipped.
+        PEFT adds `orth_reg_weight · R` to the loss inside the model's forward, and only when the model computes the
+        loss: it vanishes when the loss comes from outside (a `compute_loss_func`, label smoothing, some TRL losses),
+        and the Trainer's loss scaling multiplies it by the accumulation steps and the process count when the model
+        accepts loss kwargs. Here it is added once per step to the synchronized gradients (identical on every
+        process), whatever computed the loss. It is added after gradient clipping, so it is not clipped.
         """
-        missing, seen = self.micro_batches_without_loss, self.micro_batches
-        self.micro_batches = self.micro_batches_without_loss = 0
-        if not missing or self.config.orth_reg_weight == 0:
+        if self.settings.orth_reg_weight == 0:
             return
         named = [
             (name, p)
@@ -146,8 +139,7 @@ class AdaLoRAStrategy:
         ]
         with torch.enable_grad():
             regularizer = orthogonal_regularizer([("lora_A" in name, p) for name, p in named])
-            weight = self.config.orth_reg_weight * missing / seen
-            grads = torch.autograd.grad(weight * regularizer, [p for _, p in named])
+            grads = torch.autograd.grad(self.settings.orth_reg_weight * regularizer, [p for _, p in named])
         for (_, parameter), grad in zip(named, grads, strict=True):
             parameter.grad = grad if parameter.grad is None else parameter.grad.add_(grad)
 
@@ -221,10 +213,11 @@ class AdaLoRAStrategy:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores the state, moving the importance tensors to their parameters' devices (saved by process 0)."""
+        devices = {name: p.device for name, p in self.tuner.model.named_parameters()}
         self.masks = state["masks"]
-        self.allocator.ipt = state["ipt"]
-        self.allocator.exp_avg_ipt = state["exp_avg_ipt"]
-        self.allocator.exp_avg_unc = state["exp_avg_unc"]
+        for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            setattr(self.allocator, key, {name: t.to(devices[name]) for name, t in state[key].items()})
 
 
 def _component_cost(layer: AdaLoraLayer) -> int:

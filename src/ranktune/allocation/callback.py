@@ -17,6 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ranktune.adapters.layout import REALLOCATION_HISTORY
 from ranktune.allocation.strategy import AllocationStrategy
+from ranktune.files import drop_records_after
 
 ALLOCATION_STATE = "allocation_state.pt"
 
@@ -42,9 +43,12 @@ class AllocationCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         resuming = self.resume_from is not None
+        if resuming and self.history_path is not None and state.is_world_process_zero:
+            for path in (self.history_path, self.history_path.parent / REALLOCATION_HISTORY):
+                drop_records_after(path, state.global_step)
         first = self.strategy.start(state.max_steps, args.get_warmup_steps(state.max_steps), resuming)
         if resuming:
-            saved = torch.load(Path(self.resume_from) / ALLOCATION_STATE, weights_only=False)
+            saved = torch.load(Path(self.resume_from) / ALLOCATION_STATE, map_location="cpu", weights_only=False)
             self.strategy.load_state_dict(saved)
         elif state.global_step == 0:
             self._record(state, first or {"step": 0, **self.strategy.summary()})

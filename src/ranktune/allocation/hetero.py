@@ -1,14 +1,15 @@
 """HeteroLoRA's dynamic search over LoRA modules: switch modules on and off by saliency during training.
 
-Every candidate keeps its LoRA at the pool rank for the whole run (gated components with capacity r and gates
-fixed at 1); a disabled module has all its components masked, so it computes nothing and its output is exactly zero.
+Every candidate keeps its LoRA at its configured rank for the whole run (gated components with gates fixed at 1);
+a disabled module has all its components masked, so it computes nothing and its output is exactly zero.
 Every `every` optimizer steps the strategy scores the candidates and enables the top floor(keep · N):
 
 - offline (default): every candidate switched on, then the saliency heuristic over the first `batches` training
   batches in order (`allocation/saliency.py`): extra forward/backward passes at each reallocation;
 - online: the mean, since the last reallocation, of the heuristic computed from the training gradients themselves
-  (grad_norm or snip), at no extra pass. A disabled module has no gradient, so it competes with the score it had
-  when it was switched off. Until the first reallocation every module is on, so every module gets a score.
+  (grad_norm or snip) relative to the mean over the enabled modules at the same step, at no extra pass. A disabled
+  module has no gradient, so it competes with the relative score it had when it was switched off. Until the first
+  reallocation every module is on, so every module gets a score.
 
 Disabled modules keep their parameters and optimizer state frozen: their gradients are dropped before the
 optimizer step, so the optimizer skips them, and they resume where they were when enabled again. Equal scores are
@@ -28,9 +29,10 @@ from peft import PeftModel
 
 from ranktune.allocation.components import GatedModule
 from ranktune.allocation.plan import rank_order
-from ranktune.allocation.saliency import Batch, score_modules
+from ranktune.allocation.saliency import Batch, gradient_score, score_modules
 from ranktune.allocation.strategy import FoldedFactors
 from ranktune.config import Heuristic
+from ranktune.errors import UserInputError
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,12 @@ class HeteroStrategy:
         self.batches = batches
         self.interval = reallocation_interval(settings.every, steps_per_epoch)
         self.seed = seed
-        self.keep_count = max(1, math.floor(settings.keep * len(modules)))
+        self.keep_count = math.floor(settings.keep * len(modules))
+        if self.keep_count == 0:
+            raise UserInputError(
+                f"allocation.keep {settings.keep} of {len(modules)} LoRA modules enables none; "
+                f"the smallest useful keep is {1 / len(modules):.4g}"
+            )
         self.enabled = dict.fromkeys(self.modules, True)
         self.scores = dict.fromkeys(self.modules, 0.0)
         self.online_sums = dict.fromkeys(self.modules, 0.0)
@@ -86,24 +93,26 @@ class HeteroStrategy:
 
     def _set_enabled(self, name: str, enabled: bool) -> None:
         module = self.modules[name]
-        module.lora_A.lora_mask[:] = enabled
+        module.lora_A.lora_mask[: module.initial_rank] = enabled  # its planned rank, whatever the capacity
         module.lora_A.refresh()
         self.enabled[name] = enabled
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
-        """Online: accumulates the heuristic from the training gradients. Disabled modules: drops their gradients."""
+        """Disabled modules: drops their gradients. Online: accumulates each enabled module's heuristic relative to
+        the mean over the enabled modules at this step, so that scores from different steps (gradients shrink as
+        training goes on, and clipping rescales them) stay comparable."""
+        step_scores = {}
         for name, module in self.modules.items():
             lora_a, lora_b = module.lora_A.weight, module.lora_B.weight
             if not self.enabled[name]:
                 lora_a.grad = lora_b.grad = None
-                continue
-            if self.settings.online and lora_a.grad is not None and lora_b.grad is not None:
-                if self.settings.heuristic == "snip":
-                    score = (lora_a * lora_a.grad).abs().sum() + (lora_b * lora_b.grad).abs().sum()
-                else:
-                    score = lora_a.grad.norm() + lora_b.grad.norm()
-                self.online_sums[name] += float(score)
+            elif self.settings.online and lora_a.grad is not None and lora_b.grad is not None:
+                step_scores[name] = float(gradient_score(lora_a, lora_b, snip=self.settings.heuristic == "snip"))
+        mean = sum(step_scores.values()) / len(step_scores) if step_scores else 0.0
+        if mean > 0:
+            for name, score in step_scores.items():
+                self.online_sums[name] += score / mean
                 self.online_counts[name] += 1
 
     def _current_scores(self) -> dict[str, float]:

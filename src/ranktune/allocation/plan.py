@@ -88,7 +88,7 @@ def read_scores(path: str | Path) -> dict[str, Any]:
         UserInputError: missing, malformed or not a saliency file.
     """
     data = _read_yaml(path, "scores file")
-    modules = data.get("modules") if isinstance(data, dict) else None
+    modules = data.get("modules")
     if data.get("format") != SCORES_FORMAT or not isinstance(modules, dict) or not modules:
         raise UserInputError(f"'{path}' is not a `ranktune saliency` output (expected format: {SCORES_FORMAT})")
     return data
@@ -101,7 +101,7 @@ def read_plan(path: str | Path) -> dict[str, dict[str, Any]]:
         UserInputError: missing, malformed, not a plan, or a plan that enables nothing.
     """
     data = _read_yaml(path, "lora.plan")
-    modules = data.get("modules") if isinstance(data, dict) else None
+    modules = data.get("modules")
     if data.get("format") != PLAN_FORMAT or not isinstance(modules, dict):
         raise UserInputError(f"lora.plan: '{path}' is not a `ranktune plan` output (expected format: {PLAN_FORMAT})")
     for name, entry in modules.items():
@@ -130,17 +130,21 @@ def _read_yaml(path: str | Path, what: str) -> dict[str, Any]:
 def planned_lora(settings: LoraSettings) -> LoraSettings:
     """The `lora` section with its plan applied: the enabled modules as exact targets at their planned ranks.
 
-    Every module keeps the pool's scale alpha / r (alpha_pattern = alpha · rank / r), so a redistributed rank changes
-    how many components a module has, not how strongly each counts.
+    Every module keeps the pool's scale (alpha / r; alpha / sqrt(r) with rslora) through alpha_pattern, so a
+    redistributed rank changes how many components a module has, not how strongly each counts.
     """
     if settings.plan is None:
         return settings
     enabled = {name: entry["rank"] for name, entry in read_plan(settings.plan).items() if entry["enabled"]}
+
+    def growth(rank: int) -> float:  # PEFT's scaling is alpha / rank, or alpha / sqrt(rank) with rslora
+        return math.sqrt(rank / settings.r) if settings.rslora else rank / settings.r
+
     return settings.model_copy(
         update={
             "target_modules": sorted(enabled),
             "exclude_modules": None,
             "rank_pattern": enabled,
-            "alpha_pattern": {name: settings.alpha * rank / settings.r for name, rank in enabled.items()},
+            "alpha_pattern": {name: settings.alpha * growth(rank) for name, rank in enabled.items()},
         }
     )

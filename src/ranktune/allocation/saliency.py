@@ -80,16 +80,20 @@ def _summed_gradients(model: nn.Module, layers: dict[str, LoraLayer], batches: S
         weight.grad = grad
 
 
+def gradient_score(lora_a: torch.Tensor, lora_b: torch.Tensor, snip: bool) -> torch.Tensor:
+    """grad_norm (||dL/dA|| + ||dL/dB||) or snip (Σ|A ⊙ dL/dA| + Σ|B ⊙ dL/dB|) from the factors' current .grad."""
+    if snip:
+        return (lora_a * lora_a.grad).abs().sum() + (lora_b * lora_b.grad).abs().sum()
+    return lora_a.grad.norm() + lora_b.grad.norm()
+
+
 def _gradient_scores(model: nn.Module, layers: dict[str, LoraLayer], batches: Sequence[Batch], snip: bool):
     _summed_gradients(model, layers, batches)
     scores = {}
     with torch.no_grad():
         for name, layer in layers.items():
             lora_a, lora_b = _factors(layer)
-            if snip:
-                scores[name] = float((lora_a * lora_a.grad).abs().sum() + (lora_b * lora_b.grad).abs().sum())
-            else:
-                scores[name] = float(lora_a.grad.norm() + lora_b.grad.norm())
+            scores[name] = float(gradient_score(lora_a, lora_b, snip))
             lora_a.grad = lora_b.grad = None
     return scores
 
@@ -176,7 +180,6 @@ def score_modules(
     batches: Sequence[Batch],
     heuristic: str,
     tolerance: float = 0.01,
-    progress: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Scores every LoRA module of `model` with one heuristic over `batches` (kept in their order).
 
@@ -187,7 +190,6 @@ def score_modules(
         batches: collated batches with labels, the same list on every process.
         heuristic: one of HEURISTICS.
         tolerance: alpha_test's relative loss tolerance.
-        progress: called with a short message per module for the slow alpha_test.
 
     Returns:
         {module name in the base model: score}.

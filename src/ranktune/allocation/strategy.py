@@ -1,4 +1,4 @@
-"""The interface every allocation strategy (L1RA, AdaLoRA, next HeteroLoRA) offers to the callback and the export.
+"""The interface every allocation strategy (L1RA, AdaLoRA, HeteroLoRA) offers to the callback and the export.
 
 A strategy owns the per-module state that makes ranks move inside fixed-capacity modules. The callback
 (`allocation/callback.py`) calls it at optimizer-step boundaries only, so every decision sees complete, synchronized

@@ -12,6 +12,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ranktune.evaluation import perplexity
+from ranktune.files import drop_records_after
 
 
 class MetricsLogger(TrainerCallback):
@@ -27,6 +28,8 @@ class MetricsLogger(TrainerCallback):
         self._last_tokens = 0
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.global_step > 0 and state.is_world_process_zero:  # resumed: forget what followed the checkpoint
+            drop_records_after(self.path, state.global_step)
         self._last_time = time.perf_counter()
         self._last_tokens = state.num_input_tokens_seen
 

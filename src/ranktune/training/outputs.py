@@ -11,7 +11,14 @@ from typing import Any
 import yaml
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ranktune.adapters.layout import ADAPTER_CONFIG, RANK_HISTORY, RUN_INFO, module_totals, read_module_ranks
+from ranktune.adapters.layout import (
+    ADAPTER_CONFIG,
+    RANK_HISTORY,
+    REALLOCATION_HISTORY,
+    RUN_INFO,
+    module_totals,
+    read_module_ranks,
+)
 from ranktune.config import RunConfig
 from ranktune.errors import UserInputError
 
@@ -47,7 +54,7 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool, main_proc
             f"output_dir '{path}' holds an earlier run ({', '.join(sorted(earlier)[:3])}); choose another "
             "output_dir, pass --resume to continue it, or --overwrite to replace it"
         )
-    for name in (ADAPTER_CONFIG, RUN_INFO, METRICS_LOG, RANK_HISTORY):
+    for name in (ADAPTER_CONFIG, RUN_INFO, METRICS_LOG, RANK_HISTORY, REALLOCATION_HISTORY):
         (path / name).unlink(missing_ok=True)
     for checkpoint in path.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
         shutil.rmtree(checkpoint)
