@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import types
 import typing
@@ -99,6 +100,11 @@ class LoraSettings(_Section):
     def _non_empty(cls, value: str | list[str]) -> str | list[str]:
         if not value:
             raise ValueError("must name at least one module, a regex, or 'all-linear'")
+        if isinstance(value, str) and value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise ValueError(f"is not a valid regular expression ({error})") from None
         return value
 
     @field_validator("rank_pattern")
@@ -429,6 +435,9 @@ def _describe(error: dict[str, Any]) -> str:
                 f"whole section, e.g. `allocation={{method: {chosen}}}`"
             )
         return f"unknown key '{dotted}'.{did_you_mean(str(loc[-1]), names)}"
+    if error["type"] == "union_tag_invalid":
+        context = error.get("ctx", {})
+        return f"unknown {dotted}.method '{context.get('tag')}'; expected one of {context.get('expected_tags')}"
     if error["type"] == "missing":
         return f"missing required key '{dotted}'"
     message = error["msg"].removeprefix("Value error, ")

@@ -12,10 +12,11 @@ from ranktune.adapters.layout import ModuleRank, layer_of, module_totals, module
 
 def rank_table(modules: list[ModuleRank]) -> str:
     """One line per adapted module, then totals."""
-    rows = [f"{'layer':>5}  {'type':<14} {'rank':>5} {'params':>10}  module"]
+    width = max([14, *(len(m.module_type) for m in modules)])
+    rows = [f"{'layer':>5}  {'type':<{width}} {'rank':>5} {'params':>10}  module"]
     for m in modules:
         layer = "-" if m.layer is None else str(m.layer)
-        rows.append(f"{layer:>5}  {m.module_type:<14} {m.rank:>5} {m.parameters:>10,}  {m.module}")
+        rows.append(f"{layer:>5}  {m.module_type:<{width}} {m.rank:>5} {m.parameters:>10,}  {m.module}")
     totals = module_totals(modules)
     rows.append(
         f"total: {totals['module_count']} modules, rank {totals['total_rank']}, "

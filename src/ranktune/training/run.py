@@ -11,7 +11,7 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from ranktune.adapters.layout import RUN_INFO
+from ranktune.adapters.layout import RANK_HISTORY, RUN_INFO
 from ranktune.allocation.plan import read_plan
 from ranktune.config import DataConfig, RunConfig
 from ranktune.data import build_collator, detect_format, load_splits, prepare_causal_lm, prepare_classification
@@ -141,8 +141,9 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
     if allocation:
         active = allocation.strategy.totals()
         _log(
-            f"{allocation.strategy.name}: starting at total rank {active['total_rank']:,} "
-            f"({active['active_parameters']:,} active rank-component parameters; the rest is fixed capacity)"
+            f"{allocation.strategy.name}: total rank {active['total_rank']:,} before the first allocation "
+            f"({active['active_parameters']:,} rank-component parameters; the rest is fixed capacity); "
+            f"{RANK_HISTORY} records every change"
         )
     num_labels = len(label_names) if label_names else None
     stopper = StopOnSignal()
