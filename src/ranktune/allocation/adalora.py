@@ -113,6 +113,11 @@ class AdaLoRAStrategy:
         }
         self.masks: dict[str, list[bool]] | None = None  # {"<module>.lora_E.default": keep per component}
         self.config.orth_reg_weight = 0.0  # the strategy adds the regulariser itself, once per optimizer step
+        self.factors = [  # (is it A, the matrix) for every trainable A and B, as the regulariser takes them
+            ("lora_A" in name, p)
+            for name, p in self.tuner.model.named_parameters()
+            if ("lora_A" in name or "lora_B" in name) and ADAPTER in name and p.requires_grad
+        ]
 
     def start(self, total_steps: int, warmup_steps: int, resuming: bool = False) -> dict[str, Any] | None:
         """Sets `total_step` to the Trainer's run length (AdaLoRA's own `tinit` replaces warm-up)."""
@@ -132,15 +137,11 @@ class AdaLoRAStrategy:
         """
         if self.settings.orth_reg_weight == 0:
             return
-        named = [
-            (name, p)
-            for name, p in self.tuner.model.named_parameters()
-            if ("lora_A" in name or "lora_B" in name) and ADAPTER in name and p.requires_grad
-        ]
+        factors = [weight for _, weight in self.factors]
         with torch.enable_grad():
-            regularizer = orthogonal_regularizer([("lora_A" in name, p) for name, p in named])
-            grads = torch.autograd.grad(self.settings.orth_reg_weight * regularizer, [p for _, p in named])
-        for (_, parameter), grad in zip(named, grads, strict=True):
+            regularizer = orthogonal_regularizer(self.factors)
+            grads = torch.autograd.grad(self.settings.orth_reg_weight * regularizer, factors)
+        for parameter, grad in zip(factors, grads, strict=True):
             parameter.grad = grad if parameter.grad is None else parameter.grad.add_(grad)
 
     def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> dict[str, Any] | None:

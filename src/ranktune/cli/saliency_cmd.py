@@ -53,10 +53,10 @@ def run(args: argparse.Namespace) -> int:
     collator = build_collator(run_parts.tokenizer, config.model.task, packing=config.data.packing)
     batch_size = int(config.training.get("per_device_train_batch_size", 8))
     batches = first_batches(run_parts.datasets["train"], collator, batch_size, args.batches)
-    print(f"[ranktune] scoring {len(lora_layers(model))} modules with {args.heuristic} over {len(batches)} batches",
+    layers = lora_layers(model)
+    print(f"[ranktune] scoring {len(layers)} modules with {args.heuristic} over {len(batches)} batches",
           file=sys.stderr, flush=True)  # fmt: skip
     scores = score_modules(model, batches, args.heuristic, tolerance=args.tolerance)
-    layers = lora_layers(model)
     payload = {
         "format": SCORES_FORMAT,
         "heuristic": args.heuristic,
