@@ -79,8 +79,28 @@ class DataConfig(_Section):
     seed: int = 42
 
 
+class ModuleSettings(_Section):
+    """Per-module overrides of a LoRA module or a shortcut connection; unset fields keep the section's value."""
+
+    r: int | None = Field(default=None, gt=0)
+    alpha: float | None = Field(default=None, gt=0)
+    dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
+    enabled: bool = True
+
+
+PerModule = dict[str, ModuleSettings]
+"""Network-wise settings: {module: settings} for that module in every layer."""
+PerLayer = dict[int, dict[str, ModuleSettings]]
+"""Layer-wise settings: {layer index: {module: settings}}, over the network-wise ones."""
+
+
 class LoraSettings(_Section):
-    """LoRA hyper-parameters, named as in `peft.LoraConfig`."""
+    """LoRA hyper-parameters, named as in `peft.LoraConfig`.
+
+    `modules` (network-wise) and `layers` (layer-wise) set r, alpha, dropout or enabled per module; module names
+    are the reference's abstract ones (q_proj, k_proj, v_proj, o_proj, w1, w2, gate) or paths inside a layer
+    (`self_attn.q_proj`, `attention.self.query`). `reference_config` reads HeteroLoRA's TOML LoRA config instead.
+    """
 
     r: int = Field(default=8, gt=0, validation_alias=AliasChoices("r", "lora_r"))
     alpha: float = Field(default=16.0, gt=0, validation_alias=AliasChoices("alpha", "lora_alpha"))
@@ -94,6 +114,9 @@ class LoraSettings(_Section):
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
     modules_to_save: list[str] | None = None
     plan: str | None = None  # a `ranktune plan` file: it replaces target_modules and sets each module's rank
+    modules: PerModule = Field(default_factory=dict)
+    layers: PerLayer = Field(default_factory=dict)
+    reference_config: str | None = None  # HeteroLoRA's TOML (granularity network | layer)
 
     @field_validator("target_modules")
     @classmethod
@@ -114,6 +137,29 @@ class LoraSettings(_Section):
         if bad:
             raise ValueError(f"ranks must be > 0, got {bad}")
         return value
+
+
+ShortcutKind = Literal["residual1", "residual2", "shortcut1", "shortcut2"]
+SHORTCUT_KINDS: tuple[str, ...] = typing.get_args(ShortcutKind)
+
+
+class ShortcutSettings(_Section):
+    """HeteroLoRA's shortcut connections: a low-rank d×d map per kind and layer, added around or across sub-layers.
+
+    residual1 / residual2 add s·BA to the residual path around attention / the FFN (base: identity); shortcut1
+    carries a layer's input to its FFN output, shortcut2 the previous layer's FFN input to this layer's attention
+    output (base: zero; not in layer 0). s = alpha / r; B starts at zero, so training starts from the base model.
+    `modules` (per kind) and `layers` (per layer and kind) override r, alpha, dropout or enabled;
+    `reference_config` reads HeteroLoRA's TOML shortcut config instead.
+    """
+
+    kinds: list[ShortcutKind] = Field(default_factory=lambda: list(SHORTCUT_KINDS), min_length=1)
+    r: int = Field(default=8, gt=0)
+    alpha: float = Field(default=4.0, gt=0, validation_alias=AliasChoices("alpha", "shortcut_alpha"))
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, validation_alias=AliasChoices("dropout", "proj_dropout"))
+    modules: dict[ShortcutKind, ModuleSettings] = Field(default_factory=dict)
+    layers: dict[int, dict[ShortcutKind, ModuleSettings]] = Field(default_factory=dict)
+    reference_config: str | None = None
 
 
 class NoAllocation(_Section):
@@ -191,6 +237,7 @@ class HeteroAllocation(_Section):
     keep: float = Field(default=0.25, gt=0.0, le=1.0)
     batches: int = Field(default=32, gt=0)
     online: bool = False
+    shortcuts_mode: Literal["combined", "separated", "off"] = "combined"
 
     @model_validator(mode="after")
     def _online_needs_gradients(self) -> HeteroAllocation:
@@ -213,11 +260,20 @@ class RunConfig(_Section):
     data: DataConfig
     lora: LoraSettings = Field(default_factory=LoraSettings)
     allocation: AllocationConfig = Field(default_factory=NoAllocation)
+    shortcuts: ShortcutSettings | None = None
     training: dict[str, Any] = Field(default_factory=dict)
     output_dir: str = Field(default="runs/ranktune", min_length=1)
 
     @model_validator(mode="after")
     def _allocation_fits_lora(self) -> RunConfig:
+        per_module = [key for key in ("modules", "layers", "reference_config") if getattr(self.lora, key)]
+        if self.lora.plan and per_module:
+            raise ValueError(f"lora.plan sets every module itself; remove lora.{per_module[0]} or the plan")
+        if self.shortcuts and self.allocation.method in ("l1ra", "adalora"):
+            raise ValueError(
+                f"shortcuts train with allocation.method none or hetero, not '{self.allocation.method}' "
+                "(its rank allocation covers LoRA modules only)"
+            )
         if self.allocation.method != "none":
             if self.lora.dora:
                 raise ValueError(f"allocation.method '{self.allocation.method}' does not support lora.dora")
@@ -229,7 +285,8 @@ class RunConfig(_Section):
         return self
 
     def _check_adalora(self) -> None:
-        unsupported = [key for key in ("rslora", "rank_pattern", "alpha_pattern", "plan") if getattr(self.lora, key)]
+        keys = ("rslora", "rank_pattern", "alpha_pattern", "plan", "modules", "layers", "reference_config")
+        unsupported = [key for key in keys if getattr(self.lora, key)]
         if unsupported:
             raise ValueError(f"allocation.method 'adalora' does not support lora.{unsupported[0]}")
         init_r, target_r = self.allocation.ranks(self.lora.r)

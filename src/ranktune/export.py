@@ -7,6 +7,9 @@ components, rank-0 modules are left out, and `r = lora_alpha = max rank` with
 
 PEFT recognises an adapter folder by its adapter_config.json, so that file is moved in last, after the weights and
 the tokenizer; a crash before then leaves no adapter_config.json and nothing that looks finished.
+
+Shortcut connections, which PEFT cannot express, go beside the adapter (shortcuts.safetensors + shortcuts.json,
+`adapters/shortcut_files.py`), staged with it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
-from ranktune.adapters.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ranktune.adapters.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SHORTCUTS_CONFIG, SHORTCUTS_WEIGHTS
+from ranktune.adapters.shortcut_files import write_shortcuts
+from ranktune.adapters.shortcuts import ShortcutSet
 from ranktune.allocation.strategy import FoldedFactors
 from ranktune.errors import RuntimeFailure
 
@@ -90,6 +95,7 @@ def write_adapter(
     output_dir: str | Path,
     factors: FoldedFactors | None = None,
     sidecars: Callable[[Path], dict[str, Any]] | None = None,
+    shortcuts: ShortcutSet | None = None,
 ) -> None:
     """Saves adapter_config.json + adapter_model.safetensors (+ tokenizer) into output_dir, config last.
 
@@ -101,16 +107,20 @@ def write_adapter(
             canonical vanilla form; None saves the plain LoRA model as PEFT does.
         sidecars: given the staged adapter folder, returns {file name: JSON payload} to write beside it (for
             example ranktune.json), so they are in place before the adapter looks finished.
+        shortcuts: the model's shortcut connections; the enabled ones are written beside the adapter.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / ADAPTER_CONFIG).unlink(missing_ok=True)
+    for stale in (ADAPTER_CONFIG, SHORTCUTS_CONFIG, SHORTCUTS_WEIGHTS):
+        (output_dir / stale).unlink(missing_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=output_dir))
     try:
         if factors is not None:
             _save_canonical(model, factors, staging)
         else:
             model.save_pretrained(staging)
+        if shortcuts is not None and any(c.enabled for _, c in shortcuts.named_connections()):
+            write_shortcuts(shortcuts, staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         for name, payload in (sidecars(staging) if sidecars else {}).items():

@@ -21,6 +21,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RUN_INFO = "ranktune.json"
 RANK_HISTORY = "rank_history.jsonl"
 REALLOCATION_HISTORY = "reallocation_history.jsonl"
+SHORTCUTS_CONFIG = "shortcuts.json"  # beside the PEFT adapter: what PEFT cannot express
+SHORTCUTS_WEIGHTS = "shortcuts.safetensors"
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -106,6 +108,26 @@ def read_module_ranks(adapter_dir: str | Path) -> list[ModuleRank]:
             )
         )
     return sorted(ranks, key=lambda m: (m.layer if m.layer is not None else -1, m.module))
+
+
+def read_shortcut_ranks(adapter_dir: str | Path) -> list[ModuleRank]:
+    """The shortcut connections described in shortcuts.json (none for a plain LoRA adapter), as d×d modules.
+
+    Raises:
+        UserInputError: shortcuts.json exists but cannot be read.
+    """
+    path = Path(adapter_dir) / SHORTCUTS_CONFIG
+    if not path.is_file():
+        return []
+    try:
+        connections = json.loads(path.read_text(encoding="utf-8"))["connections"]
+        width = int(json.loads(path.read_text(encoding="utf-8"))["hidden_size"])
+        return [
+            ModuleRank(name, int(entry["layer"]), str(entry["kind"]), int(entry["r"]), width, width)
+            for name, entry in connections.items()
+        ]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise UserInputError(f"cannot read {path}: {error}") from None
 
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""Loading an adapter folder (ours or any PEFT LoRA adapter) back onto its base model."""
+"""Loading an adapter folder (ours or any PEFT LoRA adapter) back onto its base model.
+
+A HeteroLoRA adapter with shortcut connections carries them beside the PEFT files (shortcuts.json +
+shortcuts.safetensors); they are installed after PEFT has loaded the LoRA part, so the model is the trained one.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from safetensors import safe_open
 from transformers import PreTrainedTokenizerBase
 
 from ranktune.adapters.layout import ADAPTER_WEIGHTS, read_adapter_config, read_run_info
+from ranktune.adapters.shortcut_files import load_shortcuts
 from ranktune.config import ModelConfig, Task
 from ranktune.errors import UserInputError
 from ranktune.models.loading import load_base_model, load_tokenizer
@@ -80,5 +85,6 @@ def load_adapter(adapter_dir: str | Path, quantize: bool = True) -> LoadedAdapte
         base, model_config, label_names=label_names, pad_token_id=tokenizer.pad_token_id, quantize=quantize
     )
     model = PeftModel.from_pretrained(base_model, adapter_dir)
+    load_shortcuts(model, adapter_dir)
     model.eval()
     return LoadedAdapter(model, tokenizer, task, label_names, adapter_dir, info)

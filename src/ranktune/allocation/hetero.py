@@ -1,8 +1,10 @@
-"""HeteroLoRA's dynamic search over LoRA modules: switch modules on and off by saliency during training.
+"""HeteroLoRA's dynamic search: switch LoRA modules and shortcut connections on and off by saliency during training.
 
-Every candidate keeps its LoRA at its configured rank for the whole run (gated components with gates fixed at 1);
-a disabled module has all its components masked, so it computes nothing and its output is exactly zero.
-Every `every` optimizer steps the strategy scores the candidates and enables the top floor(keep · N):
+Every LoRA candidate keeps its configured rank for the whole run (gated components with gates fixed at 1); a
+disabled module has all its components masked, so its LoRA term is exactly zero. A disabled shortcut connection has
+its mask at 0 and adds exactly zero (`adapters/shortcuts.py`). Every `every` optimizer steps the strategy scores the
+candidates and enables the top `keep` (floor(keep · N) LoRA modules; shortcuts compete by `shortcuts_mode`, see
+`allocation/plan.select`):
 
 - offline (default): every candidate switched on, then the saliency heuristic over the first `batches` training
   batches in order (`allocation/saliency.py`): extra forward/backward passes at each reallocation;
@@ -27,12 +29,12 @@ from typing import Any
 import torch
 from peft import PeftModel
 
+from ranktune.adapters.shortcuts import LowRankShortcut, ShortcutSet
 from ranktune.allocation.components import GatedModule
-from ranktune.allocation.plan import rank_order
+from ranktune.allocation.plan import select
 from ranktune.allocation.saliency import Batch, gradient_score, score_modules
 from ranktune.allocation.strategy import FoldedFactors
 from ranktune.config import Heuristic
-from ranktune.errors import UserInputError
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class HeteroSettings:
     keep: float = 0.25
     batches: int = 32
     online: bool = False
+    shortcuts_mode: str = "combined"
 
 
 def reallocation_interval(every: int | float, steps_per_epoch: int) -> int:
@@ -54,7 +57,7 @@ def reallocation_interval(every: int | float, steps_per_epoch: int) -> int:
 
 
 class HeteroStrategy:
-    """Enables the top-scoring fraction of LoRA modules at every reallocation; masks the rest."""
+    """Enables the top-scoring fraction of the candidates at every reallocation; masks the rest."""
 
     name = "hetero"
 
@@ -66,24 +69,34 @@ class HeteroStrategy:
         batches: list[Batch],
         steps_per_epoch: int,
         seed: int = 0,
+        shortcuts: ShortcutSet | None = None,
     ) -> None:
         self.model = model
         self.modules = {m.name: m for m in modules}
+        self.connections: dict[str, LowRankShortcut] = dict(shortcuts.named_connections()) if shortcuts else {}
         self.settings = settings
         self.batches = batches
         self.interval = reallocation_interval(settings.every, steps_per_epoch)
         self.seed = seed
-        self.keep_count = math.floor(settings.keep * len(modules))
-        if self.keep_count == 0:
-            raise UserInputError(
-                f"allocation.keep {settings.keep} of {len(modules)} LoRA modules enables none; "
-                f"the smallest useful keep is {1 / len(modules):.4g}"
-            )
-        self.enabled = dict.fromkeys(self.modules, True)
-        self.scores = dict.fromkeys(self.modules, 0.0)
-        self.online_sums = dict.fromkeys(self.modules, 0.0)
-        self.online_counts = dict.fromkeys(self.modules, 0)
+        names = [*self.modules, *self.connections]
+        select(dict.fromkeys(names, 0.0), settings.keep, settings.shortcuts_mode, seed, key="allocation.keep")
+        self.enabled = dict.fromkeys(names, True)
+        self.scores = dict.fromkeys(names, 0.0)
+        self.online_sums = dict.fromkeys(names, 0.0)
+        self.online_counts = dict.fromkeys(names, 0)
         self.total_steps = 0
+
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name in self.modules:
+            return self.modules[name].lora_A.weight, self.modules[name].lora_B.weight
+        return self.connections[name].A, self.connections[name].B
+
+    def _rank_and_cost(self, name: str) -> tuple[int, int]:
+        """Active rank and parameters per rank component."""
+        if name in self.modules:
+            return self.modules[name].rank, self.modules[name].cost
+        connection = self.connections[name]
+        return (connection.spec.r if self.enabled[name] else 0), 2 * connection.A.shape[1]
 
     def start(self, total_steps: int, warmup_steps: int, resuming: bool = False) -> dict[str, Any] | None:
         """Offline search: the first selection, before the first step. Online search starts with every module on.
@@ -92,9 +105,12 @@ class HeteroStrategy:
         return None if self.settings.online or resuming else self.reallocate(step=0)
 
     def _set_enabled(self, name: str, enabled: bool) -> None:
-        module = self.modules[name]
-        module.lora_A.lora_mask[: module.initial_rank] = enabled  # its planned rank, whatever the capacity
-        module.lora_A.refresh()
+        if name in self.modules:
+            module = self.modules[name]
+            module.lora_A.lora_mask[: module.initial_rank] = enabled  # its planned rank, whatever the capacity
+            module.lora_A.refresh()
+        else:
+            self.connections[name].enabled = enabled
         self.enabled[name] = enabled
 
     @torch.no_grad()
@@ -103,8 +119,8 @@ class HeteroStrategy:
         the mean over the enabled modules at this step, so that scores from different steps (gradients shrink as
         training goes on, and clipping rescales them) stay comparable."""
         step_scores = {}
-        for name, module in self.modules.items():
-            lora_a, lora_b = module.lora_A.weight, module.lora_B.weight
+        for name in self.enabled:
+            lora_a, lora_b = self._factors(name)
             if not self.enabled[name]:
                 lora_a.grad = lora_b.grad = None
             elif self.settings.online and lora_a.grad is not None and lora_b.grad is not None:
@@ -117,12 +133,12 @@ class HeteroStrategy:
 
     def _current_scores(self) -> dict[str, float]:
         if self.settings.online:
-            for name in self.modules:
+            for name in self.enabled:
                 if self.online_counts[name]:
                     self.scores[name] = self.online_sums[name] / self.online_counts[name]
                 self.online_sums[name], self.online_counts[name] = 0.0, 0
             return dict(self.scores)
-        for name in self.modules:
+        for name in self.enabled:
             self._set_enabled(name, True)  # score every candidate switched on
         self.scores = score_modules(self.model, self.batches, self.settings.heuristic)
         return dict(self.scores)
@@ -130,10 +146,10 @@ class HeteroStrategy:
     def reallocate(self, step: int) -> dict[str, Any]:
         """Scores the candidates and enables the top `keep`; returns the record for the histories."""
         scores = self._current_scores()
-        chosen = set(rank_order(scores, seed=self.seed * 1_000_003 + step)[: self.keep_count])
-        for name in self.modules:
+        chosen = set(select(scores, self.settings.keep, self.settings.shortcuts_mode, self.seed * 1_000_003 + step))
+        for name in self.enabled:
             self._set_enabled(name, name in chosen)
-        rows = [{"step": step, "module": n, "score": scores[n], "enabled": n in chosen} for n in self.modules]
+        rows = [{"step": step, "module": n, "score": scores[n], "enabled": n in chosen} for n in self.enabled]
         return {"step": step, **self.summary(), "reallocation": rows}
 
     def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> dict[str, Any] | None:
@@ -142,20 +158,22 @@ class HeteroStrategy:
         return self.reallocate(step)
 
     def totals(self) -> dict[str, int]:
+        sizes = [self._rank_and_cost(name) for name in self.enabled]
         return {
-            "total_rank": sum(m.rank for m in self.modules.values()),
-            "active_parameters": sum(m.rank * m.cost for m in self.modules.values()),
+            "total_rank": sum(rank for rank, _ in sizes),
+            "active_parameters": sum(rank * cost for rank, cost in sizes),
         }
 
     def summary(self) -> dict[str, Any]:
         modules = {
-            name: {"rank": m.rank, "score": self.scores[name], "enabled": self.enabled[name]}
-            for name, m in self.modules.items()
+            name: {"rank": self._rank_and_cost(name)[0], "score": self.scores[name], "enabled": self.enabled[name]}
+            for name in self.enabled
         }
         return {**self.totals(), "modules": modules}
 
     def folded_factors(self) -> FoldedFactors:
-        """Enabled modules at their full rank; disabled ones are left out of the adapter (they contribute 0)."""
+        """Enabled LoRA modules at their full rank; disabled ones are left out of the adapter (they contribute 0).
+        Shortcut connections are exported beside the adapter (`adapters/shortcut_files.py`)."""
         return {name: m.folded() for name, m in self.modules.items()}
 
     def state_dict(self) -> dict[str, Any]:

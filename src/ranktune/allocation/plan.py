@@ -3,6 +3,10 @@
 `make_plan` keeps the top floor(keep · N) modules by score; equal scores are ordered by a seeded random draw, so the
 same scores and seed always give the same plan. With `redistribute`, the parameter budget of the kept modules at
 the pool rank is spread over them in proportion to their scores instead of giving each the pool rank.
+
+Shortcut connections (names ending in residual1, residual2, shortcut1, shortcut2) compete by `shortcuts_mode`:
+combined (one pool of floor(keep · N_lora) + round(keep · N_shortcut) slots, raw scores compared), separated (the
+top `keep` of each group) or off (only LoRA modules compete; every shortcut stays on).
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from typing import Any
 
 import yaml
 
-from ranktune.config import LoraSettings
+from ranktune.adapters.layout import layer_of
+from ranktune.config import SHORTCUT_KINDS, LoraSettings
 from ranktune.errors import UserInputError
+from ranktune.models.module_settings import ShortcutSpec
 
 SCORES_FORMAT = "ranktune-saliency-1"
 PLAN_FORMAT = "ranktune-plan-1"
@@ -26,6 +32,43 @@ def rank_order(scores: dict[str, float], seed: int) -> list[str]:
     draw = random.Random(seed)
     tie_break = {name: draw.random() for name in sorted(scores)}
     return sorted(scores, key=lambda name: (-scores[name], tie_break[name]))
+
+
+def is_shortcut(name: str) -> bool:
+    """Whether a candidate's name is a shortcut connection's (`model.layers.3.residual1`)."""
+    return name.rsplit(".", 1)[-1] in SHORTCUT_KINDS
+
+
+def keep_counts(lora_count: int, shortcut_count: int, keep: float, mode: str) -> tuple[int, int]:
+    """(LoRA slots, shortcut slots) that `keep` grants; "off" keeps every shortcut outside the competition."""
+    if mode == "off":
+        return math.floor(keep * lora_count), shortcut_count
+    return math.floor(keep * lora_count), round(keep * shortcut_count)
+
+
+def select(scores: dict[str, float], keep: float, mode: str, seed: int, key: str = "keep") -> list[str]:
+    """The enabled candidates, best first: the top `keep` of LoRA modules and shortcuts as `mode` says.
+
+    Args:
+        key: how the user set `keep` (`--keep`, `allocation.keep`), for the error message.
+
+    Raises:
+        UserInputError: `keep` enables nothing.
+    """
+    lora = {name: score for name, score in scores.items() if not is_shortcut(name)}
+    shortcuts = {name: score for name, score in scores.items() if is_shortcut(name)}
+    lora_slots, shortcut_slots = keep_counts(len(lora), len(shortcuts), keep, mode)
+    if lora_slots + (shortcut_slots if mode != "off" else 0) == 0:
+        pool = f"{len(lora)} LoRA modules and {len(shortcuts)} shortcuts" if shortcuts else f"{len(lora)} modules"
+        raise UserInputError(
+            f"{key} {keep} of {pool} enables none; the smallest useful {key} is {1 / max(len(lora), 1):.4g}"
+        )
+    if mode == "combined":
+        return rank_order(scores, seed)[: lora_slots + shortcut_slots]
+    chosen = rank_order(lora, seed)[:lora_slots]
+    if mode == "off":
+        return chosen + sorted(shortcuts)
+    return chosen + rank_order(shortcuts, seed)[:shortcut_slots]
 
 
 def redistribute_ranks(scores: dict[str, float], costs: dict[str, int], budget: int) -> dict[str, int]:
@@ -61,23 +104,25 @@ def make_plan(
     costs: dict[str, int],
     redistribute: bool = False,
     seed: int = 0,
+    shortcuts_mode: str = "combined",
+    ranks: dict[str, int] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """{module: {"enabled": bool, "rank": int, "score": float}} in score order.
+
+    Args:
+        ranks: each candidate's pool rank where it differs from `rank` (shortcut connections have their own r).
 
     Raises:
         UserInputError: `keep` is outside (0, 1] or keeps no module.
     """
     if not 0.0 < keep <= 1.0:
         raise UserInputError(f"--keep must be a fraction in (0, 1], got {keep}")
-    count = math.floor(keep * len(scores))
-    if count == 0:
-        raise UserInputError(f"--keep {keep} of {len(scores)} modules keeps none; the smallest useful keep is "
-                             f"{1 / len(scores):.4g}")  # fmt: skip
     order = rank_order(scores, seed)
-    kept = order[:count]
-    ranks = dict.fromkeys(kept, rank)
+    kept = select(scores, keep, shortcuts_mode, seed, key="--keep")
+    pool = {name: (ranks or {}).get(name, rank) for name in scores}
+    ranks = {name: pool[name] for name in kept}
     if redistribute:
-        ranks = redistribute_ranks({n: scores[n] for n in kept}, costs, rank * sum(costs[n] for n in kept))
+        ranks = redistribute_ranks({n: scores[n] for n in kept}, costs, sum(pool[n] * costs[n] for n in kept))
     return {name: {"enabled": name in ranks, "rank": ranks.get(name, 0), "score": scores[name]} for name in order}
 
 
@@ -135,7 +180,10 @@ def planned_lora(settings: LoraSettings) -> LoraSettings:
     """
     if settings.plan is None:
         return settings
-    enabled = {name: entry["rank"] for name, entry in read_plan(settings.plan).items() if entry["enabled"]}
+    plan = read_plan(settings.plan)
+    enabled = {name: entry["rank"] for name, entry in plan.items() if entry["enabled"] and not is_shortcut(name)}
+    if not enabled:
+        raise UserInputError(f"lora.plan: '{settings.plan}' enables no LoRA module")
 
     def growth(rank: int) -> float:  # PEFT's scaling is alpha / rank, or alpha / sqrt(rank) with rslora
         return math.sqrt(rank / settings.r) if settings.rslora else rank / settings.r
@@ -148,3 +196,29 @@ def planned_lora(settings: LoraSettings) -> LoraSettings:
             "alpha_pattern": {name: settings.alpha * growth(rank) for name, rank in enabled.items()},
         }
     )
+
+
+def planned_shortcuts(
+    plan_path: str, specs: dict[tuple[int, str], ShortcutSpec]
+) -> dict[tuple[int, str], ShortcutSpec]:
+    """The shortcut connections a plan enables, at their planned ranks with the pool's scale (alpha / r) kept.
+
+    A plan without shortcut entries (scored without shortcuts) leaves the configured connections as they are.
+
+    Raises:
+        UserInputError: the plan names a connection the `shortcuts` section does not configure.
+    """
+    entries = {name: entry for name, entry in read_plan(plan_path).items() if is_shortcut(name)}
+    if not entries:
+        return specs
+    planned = {}
+    for name, entry in entries.items():
+        key = (layer_of(name), name.rsplit(".", 1)[-1])
+        if key not in specs:
+            raise UserInputError(f"lora.plan: '{plan_path}' enables shortcut '{name}', which the shortcuts section "
+                                 "does not configure")  # fmt: skip
+        if entry["enabled"]:
+            spec = specs[key]
+            rank = entry["rank"]
+            planned[key] = ShortcutSpec(rank, spec.alpha * rank / spec.r, spec.dropout)
+    return {key: planned[key] for key in specs if key in planned}

@@ -1,4 +1,5 @@
-"""Zero-cost saliency proxies that score LoRA modules for HeteroLoRA's search (higher = more important).
+"""Zero-cost saliency proxies that score HeteroLoRA's candidates (higher = more important): LoRA modules and
+shortcut connections (`adapters/shortcuts.py`), each a low-rank pair A (r, in), B (out, r).
 
 All heuristics see the same N batches in dataset order. Under torch.distributed each process takes every
 world_size-th batch and gradient sums are all-reduced before scoring, so every process computes the same scores.
@@ -11,7 +12,9 @@ world_size-th batch and gradient sums are all-reduced before scoring, so every p
   (the reference logs 1e-26…1e-30); ranktune scores an all-zero B as if it held the constant 1/r, so the score
   measures how much of the network's signal flows through the module's low-rank path.
 - alpha_test: per module, the smallest scale α in {0, 0.1, …, 1} of the module's output that keeps the loss within
-  `tolerance` (relative) of the unscaled model's, found by binary search; score = α.
+  `tolerance` (relative) of the unscaled model's, found by binary search; score = α. For a LoRA module α scales the
+  whole projection (base + LoRA); for a shortcut connection only its low-rank term (its base, identity or zero,
+  stays).
 
 At initialisation (B = 0) ∂L/∂A = 0, so grad_norm is driven by B alone and snip ties at 0 for every module; the
 seeded tie-break of `plan` then decides. Scores are informative once B has trained (dynamic search).
@@ -20,6 +23,7 @@ seeded tie-break of `plan` then decides. Scores are informative once B has train
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,12 +31,30 @@ import torch.distributed as dist
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from ranktune.adapters.shortcuts import find_shortcuts
 from ranktune.config import HEURISTICS
 
 ADAPTER = "default"
 ALPHAS = tuple(i / 10 for i in range(11))
 
 Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One scored unit: its low-rank factors and the module whose output alpha_test scales."""
+
+    lora_a: torch.Tensor  # (r, in)
+    lora_b: torch.Tensor  # (out, r)
+    output: nn.Module
+
+    @property
+    def in_features(self) -> int:
+        return int(self.lora_a.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.lora_b.shape[0])
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
@@ -44,8 +66,21 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     }
 
 
-def _factors(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    return layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+def candidates(model: nn.Module) -> dict[str, Candidate]:
+    """Every LoRA module, then every shortcut connection of the model, keyed by name in the base model."""
+    found = {
+        name: Candidate(layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight, layer)
+        for name, layer in lora_layers(model).items()
+    }
+    shortcuts = find_shortcuts(model)
+    if shortcuts is not None:
+        for name, connection in shortcuts.named_connections():
+            found[name] = Candidate(connection.A, connection.B, connection)
+    return found
+
+
+def _factors(layer: Candidate) -> tuple[torch.Tensor, torch.Tensor]:
+    return layer.lora_a, layer.lora_b
 
 
 def _distributed() -> bool:
@@ -62,7 +97,7 @@ def _to(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _summed_gradients(model: nn.Module, layers: dict[str, LoraLayer], batches: Sequence[Batch]) -> None:
+def _summed_gradients(model: nn.Module, layers: dict[str, Candidate], batches: Sequence[Batch]) -> None:
     """Leaves Σ_b ∂L_b/∂A and ∂L_b/∂B (over every process's batches) in the factors' .grad."""
     device = next(model.parameters()).device
     factors = [w for layer in layers.values() for w in _factors(layer)]
@@ -87,7 +122,7 @@ def gradient_score(lora_a: torch.Tensor, lora_b: torch.Tensor, snip: bool) -> to
     return lora_a.grad.norm() + lora_b.grad.norm()
 
 
-def _gradient_scores(model: nn.Module, layers: dict[str, LoraLayer], batches: Sequence[Batch], snip: bool):
+def _gradient_scores(model: nn.Module, layers: dict[str, Candidate], batches: Sequence[Batch], snip: bool):
     _summed_gradients(model, layers, batches)
     scores = {}
     with torch.no_grad():
@@ -98,7 +133,7 @@ def _gradient_scores(model: nn.Module, layers: dict[str, LoraLayer], batches: Se
     return scores
 
 
-def _synflow(model: nn.Module, layers: dict[str, LoraLayer], batches: Sequence[Batch]) -> dict[str, float]:
+def _synflow(model: nn.Module, layers: dict[str, Candidate], batches: Sequence[Batch]) -> dict[str, float]:
     """SynFlow on one all-ones input shaped like the first batch; parameters are restored exactly afterwards."""
     first = batches[0]
     length = int(first["input_ids"].shape[1])
@@ -148,7 +183,7 @@ def mean_loss(model: nn.Module, batches: Sequence[Batch]) -> float:
 
 
 def _alpha_test(
-    model: nn.Module, layers: dict[str, LoraLayer], batches: Sequence[Batch], tolerance: float
+    model: nn.Module, layers: dict[str, Candidate], batches: Sequence[Batch], tolerance: float
 ) -> dict[str, float]:
     """Binary search per module for the smallest output scale that keeps the loss within tolerance."""
     reference = mean_loss(model, batches)
@@ -159,7 +194,7 @@ def _alpha_test(
         return output * scale["alpha"]
 
     for name, layer in layers.items():
-        hook = layer.register_forward_hook(scaled)
+        hook = layer.output.register_forward_hook(scaled)
         try:
             low, high = 0, len(ALPHAS) - 1  # ALPHAS[high] always passes (α = 1 is the reference)
             while low < high:
@@ -181,12 +216,12 @@ def score_modules(
     heuristic: str,
     tolerance: float = 0.01,
 ) -> dict[str, float]:
-    """Scores every LoRA module of `model` with one heuristic over `batches` (kept in their order).
+    """Scores every candidate of `model` (LoRA modules, shortcut connections) with one heuristic over `batches`.
 
     Leaves no gradient behind on any parameter, so it can run before training or between optimizer steps.
 
     Args:
-        model: a PeftModel with every candidate LoRA module enabled.
+        model: a PeftModel with every candidate enabled.
         batches: collated batches with labels, the same list on every process.
         heuristic: one of HEURISTICS.
         tolerance: alpha_test's relative loss tolerance.
@@ -194,7 +229,7 @@ def score_modules(
     Returns:
         {module name in the base model: score}.
     """
-    layers = lora_layers(model)
+    layers = candidates(model)
     was_training = model.training
     model.eval()  # no dropout: the same batches give the same scores
     try:

@@ -10,7 +10,7 @@ from ranktune.errors import UserInputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("inspect", help="show the rank of every adapted module")
+    parser = subparsers.add_parser("inspect", help="show the rank of every adapted module and shortcut connection")
     parser.add_argument("adapter_dir")
     parser.add_argument(
         "--plot",
@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
         module_totals,
         read_adapter_config,
         read_module_ranks,
+        read_shortcut_ranks,
     )
     from ranktune.reports import enabled_share, plot_module_heatmap, plot_rank_evolution, plot_rank_heatmap, rank_table
 
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     read_adapter_config(adapter_dir)
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UserInputError(f"--plot expects a .png file name, got '{args.plot}'")
-    modules = read_module_ranks(adapter_dir)
+    modules = read_module_ranks(adapter_dir) + read_shortcut_ranks(adapter_dir)
     if args.json:
         report = {"adapter": str(adapter_dir), "modules": [m.to_dict() for m in modules], **module_totals(modules)}
         print(json.dumps(report))

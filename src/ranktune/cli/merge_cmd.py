@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ranktune.adapters.layout import read_adapter_config
+from ranktune.adapters.layout import SHORTCUTS_CONFIG, read_adapter_config
 from ranktune.errors import UserInputError
 from ranktune.files import staged_folder
 
@@ -20,6 +20,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     read_adapter_config(Path(args.adapter_dir))  # refuse a wrong folder before importing torch
+    if (Path(args.adapter_dir) / SHORTCUTS_CONFIG).is_file():
+        raise UserInputError(
+            f"'{args.adapter_dir}' has shortcut connections ({SHORTCUTS_CONFIG}), which cannot be merged into weights: "
+            "residual1/residual2 add a low-rank map to the residual stream, where the model has no weight matrix, "
+            "and shortcut1/shortcut2 carry activations from one point of the network to a later one (shortcut2 takes "
+            "layer i-1's FFN input to layer i's attention output), a path no single weight sees as its input. Run "
+            "the adapter with `ranktune eval` / `ranktune generate` (or `ranktune.load_adapter` in Python); a PEFT "
+            "tool loads its LoRA part only"
+        )
     from ranktune.adapters.loading import load_adapter
 
     out = Path(args.out)

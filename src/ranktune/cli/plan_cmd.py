@@ -20,6 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--redistribute", action="store_true", help="spread the kept modules' parameter budget by score"
     )
     parser.add_argument("--seed", type=int, default=0, help="orders equal scores (0)")
+    parser.add_argument(
+        "--shortcuts-mode",
+        choices=("combined", "separated", "off"),
+        default="combined",
+        help="how shortcut connections compete: one pool with the LoRA modules, their own top --keep, or all kept",
+    )
     parser.add_argument("--out", required=True, metavar="plan.yaml")
     parser.set_defaults(func=run)
 
@@ -36,10 +42,20 @@ def run(args: argparse.Namespace) -> int:
         scores = {name: float(entry["score"]) for name, entry in modules.items()}
         costs = {name: int(entry["in_features"]) + int(entry["out_features"]) for name, entry in modules.items()}
         rank = int(data["lora_r"])
+        ranks = {name: int(entry.get("rank", rank)) for name, entry in modules.items()}
     except (KeyError, TypeError, ValueError) as error:
         message = f"'{args.scores}': a module entry lacks score / in_features / out_features ({error})"
         raise UserInputError(message) from None
-    plan = make_plan(scores, args.keep, rank, costs, redistribute=args.redistribute, seed=args.seed)
+    plan = make_plan(
+        scores,
+        args.keep,
+        rank,
+        costs,
+        redistribute=args.redistribute,
+        seed=args.seed,
+        shortcuts_mode=args.shortcuts_mode,
+        ranks=ranks,
+    )
     payload = {
         "format": PLAN_FORMAT,
         "scores": args.scores,
@@ -47,13 +63,14 @@ def run(args: argparse.Namespace) -> int:
         "keep": args.keep,
         "redistribute": args.redistribute,
         "seed": args.seed,
+        "shortcuts_mode": args.shortcuts_mode,
         "modules": plan,
     }
     write_text_atomically(args.out, yaml.safe_dump(payload, sort_keys=False))
     kept = {name: entry for name, entry in plan.items() if entry["enabled"]}
-    before = rank * sum(costs[name] for name in kept)
+    before = sum(ranks[name] * costs[name] for name in kept)
     after = sum(entry["rank"] * costs[name] for name, entry in kept.items())
-    print(f"kept {len(kept)} of {len(plan)} modules; LoRA parameters {after:,} (pool rank {rank} on them: {before:,})")
+    print(f"kept {len(kept)} of {len(plan)} modules; adapter parameters {after:,} (at their pool ranks: {before:,})")
     for name, entry in kept.items():
         print(f"  r {entry['rank']:>3}  score {entry['score']:.5g}  {name}")
     print(f"plan: {args.out}")

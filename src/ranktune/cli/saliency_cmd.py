@@ -1,6 +1,7 @@
-"""`ranktune saliency CONFIG --heuristic NAME [--batches N] --out scores.json`: score every LoRA module of a config.
+"""`ranktune saliency CONFIG --heuristic NAME [--batches N] --out scores.json`: score every candidate of a config.
 
-The config's `lora` section is the candidate pool (every targeted module at lora.r); the scores feed `ranktune plan`.
+The config's `lora` section (every targeted module at its rank) and its `shortcuts` section (every configured
+connection) are the candidate pool; the scores feed `ranktune plan`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from ranktune.errors import UserInputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("saliency", help="score the LoRA modules of a config with a zero-cost proxy")
+    parser = subparsers.add_parser(
+        "saliency", help="score the LoRA modules and shortcut connections of a config with a zero-cost proxy"
+    )
     parser.add_argument("config", help="the run config file (its lora section is the candidate pool)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. lora.r=16")
     parser.add_argument("--heuristic", required=True, choices=HEURISTICS)
@@ -41,19 +44,24 @@ def run(args: argparse.Namespace) -> int:
 
     from ranktune.adapters.lora import attach_lora
     from ranktune.allocation.plan import SCORES_FORMAT
-    from ranktune.allocation.saliency import first_batches, lora_layers, score_modules
+    from ranktune.allocation.saliency import candidates, first_batches, score_modules
     from ranktune.data import build_collator
     from ranktune.files import write_text_atomically
+    from ranktune.models.module_settings import apply_module_dropouts, resolve_lora_settings
+    from ranktune.training.allocation import attach_shortcuts
     from ranktune.training.run import prepare_run
 
     run_parts = prepare_run(config)
-    model = attach_lora(run_parts.model, config.lora, config.model.task)
+    lora_settings, dropouts = resolve_lora_settings(run_parts.model, config.lora)
+    model = attach_lora(run_parts.model, lora_settings, config.model.task)
+    apply_module_dropouts(model, dropouts)
+    attach_shortcuts(model, config)
     if torch.cuda.is_available():
         model.cuda()
     collator = build_collator(run_parts.tokenizer, config.model.task, packing=config.data.packing)
     batch_size = int(config.training.get("per_device_train_batch_size", 8))
     batches = first_batches(run_parts.datasets["train"], collator, batch_size, args.batches)
-    layers = lora_layers(model)
+    layers = candidates(model)
     print(f"[ranktune] scoring {len(layers)} modules with {args.heuristic} over {len(batches)} batches",
           file=sys.stderr, flush=True)  # fmt: skip
     scores = score_modules(model, batches, args.heuristic, tolerance=args.tolerance)
@@ -66,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         "modules": {
             name: {
                 "score": scores[name],
+                "rank": int(layers[name].lora_a.shape[0]),
                 "in_features": layers[name].in_features,
                 "out_features": layers[name].out_features,
             }

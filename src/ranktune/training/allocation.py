@@ -12,15 +12,17 @@ from transformers import PreTrainedModel, TrainingArguments
 
 from ranktune.adapters.layout import RANK_HISTORY
 from ranktune.adapters.lora import attach_peft, build_lora_config
+from ranktune.adapters.shortcuts import ShortcutSet, bare_model, install_shortcuts
 from ranktune.allocation.adalora import AdaLoRASettings, AdaLoRAStrategy, build_adalora_config
 from ranktune.allocation.callback import AllocationCallback
 from ranktune.allocation.components import install_gates
 from ranktune.allocation.hetero import HeteroSettings, HeteroStrategy
 from ranktune.allocation.l1ra import L1RASettings, L1RAStrategy
-from ranktune.allocation.plan import planned_lora
+from ranktune.allocation.plan import planned_lora, planned_shortcuts
 from ranktune.allocation.saliency import first_batches
 from ranktune.allocation.strategy import AllocationStrategy
 from ranktune.config import AdaLoRAAllocation, RunConfig
+from ranktune.models.module_settings import apply_module_dropouts, resolve_lora_settings, resolve_shortcut_specs
 
 
 @dataclass
@@ -51,6 +53,16 @@ def adalora_settings(allocation: AdaLoRAAllocation, lora_r: int) -> AdaLoRASetti
     return AdaLoRASettings(init_r=init_r, target_r=target_r, **knobs)
 
 
+def attach_shortcuts(model: PeftModel, config: RunConfig) -> ShortcutSet | None:
+    """Installs the `shortcuts` section's connections (as `lora.plan` leaves them) on a LoRA-wrapped model."""
+    if config.shortcuts is None:
+        return None
+    specs = resolve_shortcut_specs(bare_model(model), config.shortcuts)
+    if config.lora.plan:
+        specs = planned_shortcuts(config.lora.plan, specs)
+    return install_shortcuts(model, specs) if specs else None
+
+
 def attach_adapter(
     model: PreTrainedModel,
     config: RunConfig,
@@ -59,13 +71,15 @@ def attach_adapter(
     collator: Callable,
     output_dir: Path,
 ) -> tuple[PeftModel, AttachedAllocation | None]:
-    """Wraps the base model with LoRA (or PEFT's AdaLoRA) and sets up the allocation strategy, if any.
+    """Wraps the base model with LoRA (or PEFT's AdaLoRA), adds shortcut connections, and sets up the allocation
+    strategy, if any. The connections are found again with `adapters.shortcuts.find_shortcuts(model)`.
 
     Raises:
         UserInputError: targets that match nothing, or an AdaLoRA schedule with no room to reallocate.
     """
     allocation = config.allocation
-    lora_config = build_lora_config(planned_lora(config.lora), config.model.task)
+    lora_settings, dropouts = resolve_lora_settings(model, planned_lora(config.lora))
+    lora_config = build_lora_config(lora_settings, config.model.task)
     checkpointing = bool(args.gradient_checkpointing)
     history = output_dir / RANK_HISTORY
     if allocation.method == "adalora":
@@ -75,6 +89,8 @@ def attach_adapter(
         strategy: AllocationStrategy = AdaLoRAStrategy(model, settings)
         return model, AttachedAllocation(strategy, AllocationCallback(strategy, history))
     model = attach_peft(model, lora_config, checkpointing)
+    apply_module_dropouts(model, dropouts)
+    shortcuts = attach_shortcuts(model, config)
     if allocation.method == "none":
         return model, None
     seed = int(config.training.get("seed", 42))
@@ -84,7 +100,7 @@ def attach_adapter(
         batch_size = args.per_device_train_batch_size
         batches = [] if settings.online else first_batches(train_dataset, collator, batch_size, settings.batches)
         epoch = steps_per_epoch(args, len(train_dataset))
-        strategy = HeteroStrategy(model, modules, settings, batches, epoch, seed=seed)
+        strategy = HeteroStrategy(model, modules, settings, batches, epoch, seed=seed, shortcuts=shortcuts)
         return model, AttachedAllocation(strategy, AllocationCallback(strategy, history))
     modules = install_gates(model, allocation.max_rank or 2 * config.lora.r)
     settings = L1RASettings(**allocation.model_dump(exclude={"method", "max_rank"}))

@@ -45,7 +45,17 @@ def default_training_values(config: RunConfig, has_validation: bool) -> dict[str
         "dataloader_pin_memory": torch.cuda.is_available(),  # pinning without a GPU only earns a warning
         **_mixed_precision(config.training),
     }
-    return {**defaults, **config.training}
+    values = {**defaults, **config.training}
+    if config.shortcuts and values.get("gradient_checkpointing"):
+        # A shortcut reads another layer's activations; re-entrant checkpointing would cut their gradient path.
+        kwargs = dict(values.get("gradient_checkpointing_kwargs") or {})
+        if kwargs.get("use_reentrant"):
+            raise UserInputError(
+                "training.gradient_checkpointing_kwargs.use_reentrant: true cannot train shortcut connections "
+                "(they carry activations across layers); leave it out or set it to false"
+            )
+        values["gradient_checkpointing_kwargs"] = {**kwargs, "use_reentrant": False}
+    return values
 
 
 def build_training_arguments(config: RunConfig, output_dir: Path, has_validation: bool) -> TrainingArguments:

@@ -1,4 +1,4 @@
-"""Trainer callbacks: the metrics.jsonl log with tokens/s, and a clean stop on Ctrl-C or SIGTERM."""
+"""Trainer callbacks: the metrics.jsonl log with tokens/s, a clean stop on Ctrl-C or SIGTERM, shortcut checkpoints."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from types import FrameType
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ranktune.adapters.shortcut_files import load_shortcut_weights, write_shortcuts
+from ranktune.adapters.shortcuts import ShortcutSet
 from ranktune.evaluation import perplexity
 from ranktune.files import drop_records_after
 
@@ -84,3 +87,26 @@ class StopOnSignal(TrainerCallback):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+class ShortcutCheckpoints(TrainerCallback):
+    """Saves the shortcut connections into every checkpoint (the Trainer saves only PEFT's part) and restores them
+    when a run resumes.
+
+    Every connection is saved, disabled ones included, so a resumed HeteroLoRA search continues with their trained
+    values; their optimizer state is in the Trainer's own optimizer.pt.
+    """
+
+    def __init__(self, shortcuts: ShortcutSet) -> None:
+        self.shortcuts = shortcuts
+        self.resume_from: str | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.resume_from is not None:
+            load_shortcut_weights(self.shortcuts, Path(self.resume_from))
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            write_shortcuts(self.shortcuts, folder, only_enabled=False)

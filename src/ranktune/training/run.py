@@ -12,6 +12,7 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, T
 from transformers.trainer_utils import get_last_checkpoint
 
 from ranktune.adapters.layout import RANK_HISTORY, RUN_INFO
+from ranktune.adapters.shortcuts import find_shortcuts
 from ranktune.allocation.plan import read_plan
 from ranktune.config import DataConfig, RunConfig
 from ranktune.data import build_collator, detect_format, load_splits, prepare_causal_lm, prepare_classification
@@ -21,7 +22,7 @@ from ranktune.export import write_adapter
 from ranktune.models import load_base_model, load_tokenizer, resolve_model_path
 from ranktune.training.allocation import attach_adapter
 from ranktune.training.arguments import build_training_arguments
-from ranktune.training.callbacks import MetricsLogger, StopOnSignal
+from ranktune.training.callbacks import MetricsLogger, ShortcutCheckpoints, StopOnSignal
 from ranktune.training.outputs import METRICS_LOG, prepare_output_dir, run_info, save_resolved_config
 
 
@@ -136,8 +137,12 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
     args = build_training_arguments(config, output_dir, has_validation="validation" in datasets)
     collator = build_collator(tokenizer, task, packing=config.data.packing)
     model, allocation = attach_adapter(model, config, args, datasets["train"], collator, output_dir)
+    shortcuts = find_shortcuts(model)
     trainable, total = model.get_nb_trainable_parameters()
     _log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    if shortcuts is not None:
+        count = sum(1 for _ in shortcuts.named_connections())
+        _log(f"shortcut connections: {count} ({sum(p.numel() for p in shortcuts.parameters()):,} parameters)")
     if allocation:
         active = allocation.strategy.totals()
         _log(
@@ -161,6 +166,9 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
     trainer.callback_handler.callbacks.insert(0, MetricsLogger(output_dir / METRICS_LOG, task == "causal_lm"))
     if allocation:
         trainer.callback_handler.callbacks.insert(0, allocation.callback)
+    shortcut_checkpoints = ShortcutCheckpoints(shortcuts) if shortcuts is not None else None
+    if shortcut_checkpoints:
+        trainer.add_callback(shortcut_checkpoints)
     main_process = trainer.is_world_process_zero()
 
     test = datasets.get("test")
@@ -176,6 +184,8 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
         _log(f"test before training: {format_metrics(test_before)}")
     if allocation and checkpoint:
         allocation.callback.resume_from = checkpoint
+    if shortcut_checkpoints and checkpoint:
+        shortcut_checkpoints.resume_from = checkpoint
     try:
         train_output = trainer.train(resume_from_checkpoint=checkpoint)
     finally:
@@ -211,6 +221,6 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
         return {RUN_INFO: info}
 
     factors = allocation.strategy.folded_factors() if allocation else None
-    write_adapter(model, tokenizer, output_dir, factors=factors, sidecars=sidecars)
+    write_adapter(model, tokenizer, output_dir, factors=factors, sidecars=sidecars, shortcuts=shortcuts)
     _log(f"adapter saved to {output_dir}")
     return TrainResult(output_dir, metrics, test_before, test_after, info)

@@ -1,0 +1,113 @@
+"""Training with shortcut connections: plain, under HeteroLoRA's three shortcut modes, resumed, and the commands
+that read the adapter (eval, generate, inspect, merge)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ranktune.allocation.plan import keep_counts
+from ranktune.config import validate_config
+from ranktune.training import train
+from tests.cli.helpers import assert_clean_error, run_cli
+from tests.training.resume import assert_resume_is_exact
+from tests.training.test_hetero_run import TARGETS, hetero_config, reallocations
+
+SHORTCUTS = {"r": 2, "alpha": 4}
+CONNECTIONS = 7  # four kinds in each of 2 layers, no shortcut2 in layer 0
+
+
+def test_plain_lora_with_shortcuts_trains_saves_and_serves(make_model_dir, tmp_path):
+    model_dir = make_model_dir("llama")
+    config = hetero_config(model_dir, tmp_path)
+    config["allocation"] = {"method": "none"}
+    config["shortcuts"] = SHORTCUTS
+    out = train(validate_config(config)).output_dir
+
+    described = json.loads((out / "shortcuts.json").read_text())
+    assert len(described["connections"]) == CONNECTIONS
+    tensors = load_file(str(out / "shortcuts.safetensors"))
+    assert all(tensors[f"{name}.B"].abs().sum() > 0 for name in described["connections"])  # trained from zero
+    info = json.loads((out / "ranktune.json").read_text())
+    lora = 2 * 4 * ((32 + 32) + 2 * (32 + 16) + (32 + 32) + (64 + 32))  # q, k, v (2 KV heads: 16 out), o, down
+    assert info["trainable_parameters"] == lora + CONNECTIONS * 2 * (32 + 32)  # each connection: A (2, 32), B (32, 2)
+
+    shown = run_cli("inspect", str(out))
+    assert shown.returncode == 0, shown.stderr
+    assert "model.layers.1.shortcut2" in shown.stdout and f"total: {10 + CONNECTIONS} modules" in shown.stdout
+    evaluated = run_cli("eval", str(out), "--data", config["data"]["train"], "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert math.isfinite(json.loads(evaluated.stdout)["loss"])
+    generated = run_cli("generate", str(out), "--prompt", "the", "--max-new-tokens", "4")
+    assert generated.returncode == 0, generated.stderr
+    merged = run_cli("merge", str(out), "--out", str(tmp_path / "merged"))
+    assert_clean_error(merged, 2, "shortcut connections", "cannot be merged", "ranktune eval")
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("mode", ["combined", "separated", "off"])
+def test_each_shortcuts_mode_enables_what_it_promises(mode, make_model_dir, tmp_path):
+    config = hetero_config(make_model_dir("llama"), tmp_path, shortcuts_mode=mode)
+    config["shortcuts"] = SHORTCUTS
+    out = train(validate_config(config)).output_dir
+    lora_slots, shortcut_slots = keep_counts(len(TARGETS) * 2, CONNECTIONS, 0.3, mode)
+    steps = reallocations(out)
+    assert sorted(steps) == [0, 4, 8]
+    for rows in steps.values():
+        shortcuts = {n: r for n, r in rows.items() if n.rsplit(".", 1)[-1].startswith(("residual", "shortcut"))}
+        lora = {n: r for n, r in rows.items() if n not in shortcuts}
+        assert len(lora) == 10 and len(shortcuts) == CONNECTIONS
+        on_lora = sum(r["enabled"] for r in lora.values())
+        on_shortcuts = sum(r["enabled"] for r in shortcuts.values())
+        if mode == "combined":  # one pool: the top lora_slots + shortcut_slots of all, by raw score
+            assert on_lora + on_shortcuts == lora_slots + shortcut_slots
+            kept = [r["score"] for r in rows.values() if r["enabled"]]
+            assert min(kept) >= max(r["score"] for r in rows.values() if not r["enabled"])
+        else:
+            assert (on_lora, on_shortcuts) == (lora_slots, shortcut_slots)
+    final = {n for n, r in steps[8].items() if r["enabled"] and n in reallocations(out)[8]}
+    exported = set(json.loads((out / "shortcuts.json").read_text())["connections"])
+    assert exported == {n for n in final if n.rsplit(".", 1)[-1].startswith(("residual", "shortcut"))}
+
+
+def test_a_resumed_shortcut_search_ends_exactly_like_an_uninterrupted_one(make_model_dir, tmp_path):
+    model_dir = make_model_dir("llama")
+    straight, checkpointed = (hetero_config(model_dir, tmp_path / name) for name in ("a", "b"))
+    for config in (straight, checkpointed):
+        config["shortcuts"] = SHORTCUTS
+    assert_resume_is_exact(straight, checkpointed, save_steps=6, max_steps=12)
+
+
+def test_shortcuts_under_gradient_checkpointing_get_the_same_gradients(make_model_dir, tmp_path):
+    """shortcut2 reads the previous layer's activations: checkpointing must not cut that gradient path."""
+    from ranktune.training.allocation import attach_adapter
+    from ranktune.training.arguments import build_training_arguments
+    from ranktune.training.run import prepare_run
+
+    grads = []
+    for checkpointing in (False, True):
+        config = hetero_config(make_model_dir("llama"), tmp_path, method="none")
+        config["allocation"] = {"method": "none"}
+        config["shortcuts"] = SHORTCUTS
+        config["training"]["gradient_checkpointing"] = checkpointing
+        run = validate_config(config)
+        prepared = prepare_run(run)
+        args = build_training_arguments(run, tmp_path / "out", has_validation=False)
+        model, _ = attach_adapter(prepared.model, run, args, prepared.datasets["train"], None, tmp_path / "out")
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+        model.train()
+        torch.manual_seed(0)
+        for name, parameter in model.named_parameters():
+            if "ranktune_shortcuts" in name and name.endswith(".B"):
+                torch.nn.init.normal_(parameter)
+        ids = torch.tensor([[5, 9, 12, 20, 7, 8]])
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if "ranktune_shortcuts" in n})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * CONNECTIONS
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6)
