@@ -3,9 +3,10 @@
 Each (variant, repetition) runs in its own process, so peak memory is per variant; repetitions are interleaved
 (A B C A B C ...) so drift in machine load hits every variant alike. Reports the median step time over the timed
 steps of all repetitions and the median peak memory (CUDA: max allocated; CPU: max resident set size), each with its
-ratio to the baseline, and writes docs/benchmarks.md.
+ratio to the baseline, and writes docs/benchmarks.md. The mean step time is reported too: HeteroLoRA's offline
+scoring runs inside the steps that reallocate, which a median hides.
 
-    python benchmarks/overhead.py [--models tiny smollm2-135m] [--steps N] [--repeats 3]
+    python benchmarks/overhead.py [--models tiny smollm2-135m] [--steps N] [--repeats N]
 """
 
 from __future__ import annotations
@@ -21,14 +22,27 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("peft-lora-baseline", "ranktune-lora", "ranktune-l1ra", "ranktune-adalora")
+VARIANTS = (
+    "peft-lora-baseline",
+    "ranktune-lora",
+    "ranktune-l1ra",
+    "ranktune-adalora",
+    "ranktune-hetero-online",
+    "ranktune-hetero-offline",
+)
 ALLOCATIONS = {
     "ranktune-lora": {"method": "none"},
     "ranktune-l1ra": {"method": "l1ra"},
     "ranktune-adalora": {"method": "adalora", "init_r": 8, "target_r": 4},  # the same initial r as the others
+    "ranktune-hetero-online": {"method": "hetero", "online": True},  # default schedule: every 0.2 epoch, keep 0.25
+    "ranktune-hetero-offline": {"method": "hetero"},  # grad_norm over `batches` extra passes per reallocation
 }
 SHAPES = {"tiny": (8, 128), "smollm2-135m": (4, 256)}  # (batch, sequence length)
 DEFAULT_STEPS = {"tiny": 40, "smollm2-135m": 12}  # a tiny step takes ~0.25 s on 2 cores: more of them beat noise
+DEFAULT_REPEATS = {"tiny": 3, "smollm2-135m": 2}
+# Offline scoring passes per reallocation: the default 32 on the tiny model; 4 on SmolLM2, where 32 would add about
+# three CPU-minutes per reallocation. Its cost grows linearly with this number.
+OFFLINE_BATCHES = {"tiny": 32, "smollm2-135m": 4}
 WARMUP_STEPS = 2
 
 
@@ -58,7 +72,7 @@ def measure(variant: str, model_name: str, steps: int, out: Path) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
     batch, length = SHAPES[model_name]
     model = build_model(model_name, out)
@@ -78,10 +92,13 @@ def measure(variant: str, model_name: str, steps: int, out: Path) -> dict:
         from ranktune.training.allocation import attach_adapter
         from ranktune.training.callbacks import MetricsLogger, StopOnSignal
 
+        allocation = dict(ALLOCATIONS[variant])
+        if variant == "ranktune-hetero-offline":
+            allocation["batches"] = OFFLINE_BATCHES[model_name]
         config = validate_config({"model": {"name_or_path": "x"}, "data": {"train": "x"},
-                                  "allocation": ALLOCATIONS[variant],
+                                  "allocation": allocation,
                                   "lora": {"r": 8, "alpha": 16, "dropout": 0.0}})  # fmt: skip
-        model, attached = attach_adapter(model, config, args, data, None, out)
+        model, attached = attach_adapter(model, config, args, data, default_data_collator, out)
         callbacks = [StopOnSignal(), MetricsLogger(out / "metrics.jsonl", causal_lm=True)]
         if attached:
             callbacks.insert(0, attached.callback)
@@ -117,7 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: 40 tiny, 12 smollm2-135m)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, help="repetitions per variant (default: 3 tiny, 2 smollm2-135m)")
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -132,35 +149,47 @@ def main() -> None:
         "Written by `python benchmarks/overhead.py`. Median optimizer-step time (after "
         f"{WARMUP_STEPS} warm-up steps) and peak memory per variant; every (variant, repetition) runs in its own "
         "process and repetitions are interleaved. LoRA r 8, alpha 16, all-linear; L1RA with default settings "
-        "(capacity 2 x r); AdaLoRA (PEFT's layers) with init_r 8, target_r 4 and ranktune's default schedule. "
-        "The repetition medians show the run-to-run noise of the machine: read ratios within that band as equal.",
+        "(capacity 2 x r); AdaLoRA (PEFT's layers) with init_r 8, target_r 4 and ranktune's default schedule; "
+        "HeteroLoRA's dynamic search over the r-8 pool with its default schedule (reallocate every 0.2 epoch, keep "
+        "0.25; one epoch = the benchmark's steps), scored online from the training gradients or offline by grad_norm "
+        f"over extra batches ({OFFLINE_BATCHES['tiny']} on the tiny model, {OFFLINE_BATCHES['smollm2-135m']} on "
+        "SmolLM2-135M). The median step hides the offline scoring, which runs inside the reallocating steps; the "
+        "mean step includes it. The repetition medians show the run-to-run noise of the machine: read ratios within "
+        "that band as equal.",
         "",
         f"Machine: {machine()}.",
         "",
     ]
     for model_name in args.models:
         steps = args.steps or DEFAULT_STEPS[model_name]
+        repeats = args.repeats or DEFAULT_REPEATS[model_name]
         results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-        for repeat in range(args.repeats):
+        for repeat in range(repeats):
             for variant in VARIANTS:
-                print(f"[{model_name}] repetition {repeat + 1}/{args.repeats}: {variant}", file=sys.stderr, flush=True)
+                print(f"[{model_name}] repetition {repeat + 1}/{repeats}: {variant}", file=sys.stderr, flush=True)
                 command = [sys.executable, __file__, "--worker", variant, model_name, "--steps", str(steps)]
                 done = subprocess.run(command, capture_output=True, text=True, check=True)
                 results[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
         batch, length = SHAPES[model_name]
         lines += [
-            f"## {model_name} (batch {batch}, sequence length {length}, {steps} steps x {args.repeats})",
+            f"## {model_name} (batch {batch}, sequence length {length}, {steps} steps x {repeats})",
             "",
-            "| variant | median step (s) | ratio | repetition medians (s) | peak memory (MiB) | ratio |",
-            "|---|---|---|---|---|---|",
+            "| variant | median step (s) | ratio | mean step (s) | ratio | repetition medians (s) "
+            "| peak memory (MiB) | ratio |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        base_time = base_peak = 0.0
+        base_time = base_mean = base_peak = 0.0
         for variant in VARIANTS:
-            step = statistics.median(t for r in results[variant] for t in r["times"])
+            times = [t for r in results[variant] for t in r["times"]]
+            step, mean = statistics.median(times), statistics.fmean(times)
             peak = statistics.median(r["peak_mib"] for r in results[variant])
-            base_time, base_peak = (step, peak) if variant == VARIANTS[0] else (base_time, base_peak)
+            if variant == VARIANTS[0]:
+                base_time, base_mean, base_peak = step, mean, peak
             spread = ", ".join(f"{statistics.median(r['times']):.4f}" for r in results[variant])
-            ratios = f"{step / base_time:.3f}x | {spread} | {peak:.0f} | {peak / base_peak:.3f}x"
+            ratios = (
+                f"{step / base_time:.3f}x | {mean:.4f} | {mean / base_mean:.3f}x | {spread} | {peak:.0f} "
+                f"| {peak / base_peak:.3f}x"
+            )
             lines.append(f"| {variant} | {step:.4f} | {ratios} |")
         lines.append("")
         print("\n".join(lines[-len(VARIANTS) - 4 :]), flush=True)

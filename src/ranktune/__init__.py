@@ -1,6 +1,7 @@
 """ranktune: LoRA fine-tuning that learns where rank belongs, with adapters in vanilla PEFT format.
 
-The Python API mirrors the command line: `load_config` reads a run config, `train` runs it.
+The Python API mirrors the command line: `load_config` reads a run config, `train` runs it, `load_adapter` loads
+a trained adapter (shortcut connections included) onto its base model.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from ranktune.adapters.loading import load_adapter
     from ranktune.allocation.l1ra import L1RAConfig
     from ranktune.config import RunConfig, load_config
     from ranktune.trainers import L1RASFTTrainer, L1RATrainer
@@ -21,6 +23,7 @@ _LAZY = {
     "L1RASFTTrainer": "ranktune.trainers",
     "RunConfig": "ranktune.config",
     "load_config": "ranktune.config",
+    "load_adapter": "ranktune.adapters.loading",
     "TrainResult": "ranktune.training",
     "train": "ranktune.training",
 }
@@ -32,6 +35,7 @@ __all__ = [
     "RunConfig",
     "TrainResult",
     "__version__",
+    "load_adapter",
     "load_config",
     "train",
 ]

@@ -123,3 +123,43 @@ def test_alpha_test_finds_the_smallest_scale_that_keeps_the_loss():
 def test_unknown_heuristic_is_named():
     with pytest.raises(ValueError, match="unknown heuristic 'fisher'; expected one of constant, grad_norm"):
         score_modules(toy(), [], "fisher")
+
+
+def llama_with_trained_shortcuts(make_model_dir):
+    from ranktune.adapters.shortcuts import install_shortcuts
+    from ranktune.models.module_settings import ShortcutSpec
+
+    model, batches = llama_with_trained_b(make_model_dir)
+    shortcuts = install_shortcuts(
+        model, {(0, "residual1"): ShortcutSpec(2, 4.0, 0.0), (1, "shortcut2"): ShortcutSpec(2, 4.0, 0.0)}
+    )
+    with torch.no_grad():
+        for _, connection in shortcuts.named_connections():
+            connection.B.normal_(std=0.1)
+    return model, batches, dict(shortcuts.named_connections())
+
+
+@pytest.mark.parametrize("heuristic", ["grad_norm", "snip"])
+def test_shortcut_connections_are_scored_like_lora_modules(heuristic, make_model_dir):
+    model, batches, connections = llama_with_trained_shortcuts(make_model_dir)
+    scores = score_modules(model, batches, heuristic)
+    assert set(connections) <= set(scores) and len(scores) == 4 + 2  # q, v in 2 layers + 2 connections
+    total = sum(model(**batch).loss for batch in batches)
+    weights = [w for c in connections.values() for w in (c.A, c.B)]
+    grads = dict(zip(["A0", "B0", "A1", "B1"], torch.autograd.grad(total, weights), strict=True))
+    for index, (name, connection) in enumerate(connections.items()):
+        grad_a, grad_b = grads[f"A{index}"], grads[f"B{index}"]
+        if heuristic == "grad_norm":
+            expected = grad_a.norm() + grad_b.norm()
+        else:
+            expected = (connection.A * grad_a).abs().sum() + (connection.B * grad_b).abs().sum()
+        assert scores[name] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_alpha_test_scales_only_the_low_rank_term_of_a_shortcut(make_model_dir):
+    """A connection whose B is zero adds nothing at any scale, so its smallest passing scale is 0."""
+    model, batches, connections = llama_with_trained_shortcuts(make_model_dir)
+    with torch.no_grad():
+        connections["model.layers.0.residual1"].B.zero_()
+    scores = score_modules(model, batches, "alpha_test", tolerance=0.01)
+    assert scores["model.layers.0.residual1"] == 0.0

@@ -63,3 +63,45 @@ def test_training_refuses_a_plan_that_enables_nothing(tmp_path):
     config = write_config(tmp_path, f"model: {{name_or_path: x}}\ndata: {{train: x}}\noutput_dir: {tmp_path / 'o'}\n")
     result = run_cli("train", str(config), f"lora.plan={tmp_path / 'plan.yaml'}")
     assert_clean_error(result, 2, "enables no module")
+
+
+def test_static_search_over_lora_modules_and_shortcut_connections(make_model_dir, tmp_path):
+    """grad_norm scores both kinds of candidate; `--shortcuts-mode separated` keeps the top quarter of each; the run
+    installs exactly the planned connections and saves them beside the adapter."""
+    rows = [{"text": f"{w} and {v} again {w}"} for w in WORDS for v in WORDS]
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = write_config(
+        tmp_path,
+        f"""
+        model: {{name_or_path: {make_model_dir("gpt2")}}}
+        data: {{train: {tmp_path / "text.jsonl"}, max_length: 32}}
+        lora: {{r: 4, target_modules: [c_attn, c_fc]}}
+        shortcuts: {{r: 2, kinds: [residual1, shortcut1, shortcut2]}}
+        training: {{max_steps: 3, per_device_train_batch_size: 4, save_strategy: "no"}}
+        output_dir: {tmp_path / "out"}
+        """,
+    )
+    scored = run_cli("saliency", str(config), "--heuristic", "grad_norm", "--batches", "2", "--out", "s.json",
+                     cwd=tmp_path)  # fmt: skip
+    assert scored.returncode == 0, scored.stderr
+    modules = json.loads((tmp_path / "s.json").read_text())["modules"]
+    connections = {name for name in modules if name.rsplit(".", 1)[-1] in ("residual1", "shortcut1", "shortcut2")}
+    assert len(modules) == 4 + 5 and len(connections) == 5  # c_attn, c_fc x 2 layers; 3 kinds x 2 - shortcut2 at 0
+    assert all(modules[name]["rank"] == 2 and modules[name]["in_features"] == 32 for name in connections)
+
+    planned = run_cli("plan", "s.json", "--keep", "0.5", "--shortcuts-mode", "separated", "--out", "plan.yaml",
+                      cwd=tmp_path)  # fmt: skip
+    assert planned.returncode == 0, planned.stderr
+    plan = yaml.safe_load((tmp_path / "plan.yaml").read_text())["modules"]
+    kept = {name for name, entry in plan.items() if entry["enabled"]}
+    kept_connections = kept & connections
+    assert len(kept - connections) == 2 and len(kept_connections) == round(0.5 * 5)
+    best = sorted(connections, key=lambda n: -modules[n]["score"])[: len(kept_connections)]
+    assert kept_connections == set(best)
+
+    trained = run_cli("train", str(config), f"lora.plan={tmp_path / 'plan.yaml'}")
+    assert trained.returncode == 0, trained.stderr
+    saved = json.loads((tmp_path / "out" / "shortcuts.json").read_text())["connections"]
+    assert set(saved) == kept_connections
+    adapter = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == sorted(kept - connections)

@@ -21,11 +21,14 @@ from transformers import (
 )
 
 from ranktune import L1RAConfig, L1RATrainer
+from ranktune.adapters.shortcuts import install_shortcuts
 from ranktune.allocation.adalora import AdaLoRASettings, AdaLoRAStrategy
 from ranktune.allocation.callback import AllocationCallback
 from ranktune.allocation.components import install_gates
 from ranktune.allocation.hetero import HeteroSettings, HeteroStrategy
 from ranktune.allocation.saliency import first_batches
+from ranktune.config import SHORTCUT_KINDS
+from ranktune.models.module_settings import ShortcutSpec
 
 BLOCK = 24
 
@@ -78,15 +81,18 @@ def adalora(model, args: TrainingArguments, common: dict) -> dict:
 
 
 def hetero(model, args: TrainingArguments, common: dict) -> dict:
-    """HeteroLoRA's offline dynamic search (grad_norm over 4 batches every 4 steps) on transformers' Trainer."""
+    """HeteroLoRA's offline dynamic search (grad_norm over 4 batches every 4 steps) over LoRA modules and shortcut
+    connections (rank 4 each, one pool) on transformers' Trainer."""
     model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8, lora_dropout=0.0,
                                              target_modules=["q_proj", "v_proj", "down_proj"]))  # fmt: skip
     modules = install_gates(model, 4)
+    specs = {(i, kind): ShortcutSpec(4, 8.0, 0.0) for i in range(2) for kind in SHORTCUT_KINDS}
+    shortcuts = install_shortcuts(model, {key: spec for key, spec in specs.items() if key != (0, "shortcut2")})
     batches = first_batches(common["train_dataset"], common["data_collator"], 4, 4)
-    settings = HeteroSettings(heuristic="grad_norm", every=4, keep=0.5, batches=4)
-    strategy = HeteroStrategy(model, modules, settings, batches, steps_per_epoch=16, seed=0)
+    settings = HeteroSettings(heuristic="grad_norm", every=4, keep=0.5, batches=4, shortcuts_mode="combined")
+    strategy = HeteroStrategy(model, modules, settings, batches, steps_per_epoch=16, seed=0, shortcuts=shortcuts)
     Trainer(model=model, args=args, callbacks=[AllocationCallback(strategy)], **common).train()
-    return {
+    state = {
         m.name: {
             "mask": m.lora_A.lora_mask.clone(),
             "gate": torch.tensor([strategy.scores[m.name]]),
@@ -95,6 +101,14 @@ def hetero(model, args: TrainingArguments, common: dict) -> dict:
         }
         for m in modules
     }
+    for name, connection in shortcuts.named_connections():
+        state[name] = {
+            "mask": torch.full((4,), connection.enabled),
+            "gate": torch.tensor([strategy.scores[name]]),
+            "A": connection.A.detach().clone(),
+            "B": connection.B.detach().clone(),
+        }
+    return state
 
 
 def main(method: str, model_dir: str, out_dir: str, batch: int) -> None:

@@ -111,3 +111,31 @@ def test_shortcuts_under_gradient_checkpointing_get_the_same_gradients(make_mode
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * CONNECTIONS
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_wise_settings_and_the_reference_toml_reach_the_trained_adapter(make_model_dir, tmp_path):
+    """YAML per-module settings for LoRA and a reference-format shortcut TOML, through a real training run."""
+    (tmp_path / "shortcuts.toml").write_text(
+        'granularity = "layer"\n'
+        "[default]\nr = 2\nshortcut_alpha = 4\nproj_dropout = 0.0\ndisable_projector = true\n"
+        "[model_layer_1.shortcut2]\nr = 3\nshortcut_alpha = 6\ndisable_projector = false\n"
+    )
+    config = hetero_config(make_model_dir("llama"), tmp_path)
+    config["allocation"] = {"method": "none"}
+    config["lora"] = {"r": 4, "target_modules": ["q_proj"], "modules": {"w2": {"r": 2}},
+                      "layers": {1: {"q_proj": {"enabled": False}}}}  # fmt: skip
+    config["shortcuts"] = {"reference_config": str(tmp_path / "shortcuts.toml")}
+    out = train(validate_config(config)).output_dir
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == [
+        "model.layers.0.mlp.down_proj",
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape == (2, 64)
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 32)
+    saved = json.loads((out / "shortcuts.json").read_text())["connections"]
+    assert saved == {
+        "model.layers.1.shortcut2": {"layer": 1, "kind": "shortcut2", "r": 3, "alpha": 6.0, "dropout": 0.0}
+    }
