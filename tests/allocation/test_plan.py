@@ -42,7 +42,7 @@ def test_redistribute_spends_the_same_budget_in_proportion_to_scores():
 
 
 def test_keep_that_selects_nothing_is_refused():
-    with pytest.raises(UserInputError, match=r"--keep 0\.05 of 10 modules enables none"):
+    with pytest.raises(UserInputError, match=r"--keep 0\.05 of 10 LoRA modules enables none"):
         make_plan(dict.fromkeys(COSTS, 1.0), 0.05, 8, COSTS)
     with pytest.raises(UserInputError, match=r"--keep must be a fraction in \(0, 1\]"):
         make_plan(dict.fromkeys(COSTS, 1.0), 1.5, 8, COSTS)

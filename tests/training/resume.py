@@ -17,10 +17,13 @@ def history(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "rank_history.jsonl").read_text().splitlines()]
 
 
-def assert_resume_is_exact(straight: dict, checkpointed: dict, save_steps: int, max_steps: int) -> None:
+def assert_resume_is_exact(straight: dict, checkpointed: dict, save_steps: int, max_steps: int) -> Path:
     """Trains `straight`; trains `checkpointed` (same run, other output_dir) with a checkpoint every `save_steps`,
     deletes the final checkpoint and adapter as if the run died after the checkpoint at `save_steps`, resumes, and
-    compares the final ranks (exactly) and the adapter tensors, shortcut connections included (to 1e-6)."""
+    compares the final ranks (exactly) and the adapter tensors, shortcut connections included (to 1e-6).
+
+    Returns:
+        The uninterrupted run's output folder."""
     reference_dir = train(validate_config(straight)).output_dir
     checkpointed["training"].update(save_strategy="steps", save_steps=save_steps)
     out = train(validate_config(checkpointed)).output_dir
@@ -39,3 +42,4 @@ def assert_resume_is_exact(straight: dict, checkpointed: dict, save_steps: int, 
         assert resumed.keys() == reference.keys()
         for key, tensor in reference.items():
             torch.testing.assert_close(resumed[key], tensor, rtol=0, atol=1e-6)
+    return reference_dir

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ranktune.allocation.plan import keep_counts
 from ranktune.config import validate_config
+from ranktune.errors import UserInputError
 from ranktune.training import train
 from tests.cli.helpers import assert_clean_error, run_cli
 from tests.training.resume import assert_resume_is_exact
@@ -49,12 +49,18 @@ def test_plain_lora_with_shortcuts_trains_saves_and_serves(make_model_dir, tmp_p
     assert not (tmp_path / "merged").exists()
 
 
+# keep 0.3 of 10 LoRA modules and 7 connections: floor(3.0) LoRA slots and round(2.1) shortcut slots; `off` keeps
+# every connection on.
+SLOTS = {"combined": (3, 2), "separated": (3, 2), "off": (3, 7)}
+
+
 @pytest.mark.parametrize("mode", ["combined", "separated", "off"])
 def test_each_shortcuts_mode_enables_what_it_promises(mode, make_model_dir, tmp_path):
     config = hetero_config(make_model_dir("llama"), tmp_path, shortcuts_mode=mode)
     config["shortcuts"] = SHORTCUTS
     out = train(validate_config(config)).output_dir
-    lora_slots, shortcut_slots = keep_counts(len(TARGETS) * 2, CONNECTIONS, 0.3, mode)
+    lora_slots, shortcut_slots = SLOTS[mode]
+    assert len(TARGETS) * 2 == 10
     steps = reallocations(out)
     assert sorted(steps) == [0, 4, 8]
     for rows in steps.values():
@@ -69,17 +75,42 @@ def test_each_shortcuts_mode_enables_what_it_promises(mode, make_model_dir, tmp_
             assert min(kept) >= max(r["score"] for r in rows.values() if not r["enabled"])
         else:
             assert (on_lora, on_shortcuts) == (lora_slots, shortcut_slots)
-    final = {n for n, r in steps[8].items() if r["enabled"] and n in reallocations(out)[8]}
+    final = {n for n, r in steps[8].items() if r["enabled"]}
     exported = set(json.loads((out / "shortcuts.json").read_text())["connections"])
     assert exported == {n for n in final if n.rsplit(".", 1)[-1].startswith(("residual", "shortcut"))}
 
 
 def test_a_resumed_shortcut_search_ends_exactly_like_an_uninterrupted_one(make_model_dir, tmp_path):
     model_dir = make_model_dir("llama")
-    straight, checkpointed = (hetero_config(model_dir, tmp_path / name) for name in ("a", "b"))
+    straight, checkpointed = (hetero_config(model_dir, tmp_path / name, shortcuts_mode="separated") for name in "ab")
     for config in (straight, checkpointed):
         config["shortcuts"] = SHORTCUTS
-    assert_resume_is_exact(straight, checkpointed, save_steps=6, max_steps=12)
+    reference = assert_resume_is_exact(straight, checkpointed, save_steps=6, max_steps=12)
+    assert (reference / "shortcuts.safetensors").is_file()  # two connections enabled at the end: compared above
+    saved = load_file(str(tmp_path / "b" / "out" / "checkpoint-6" / "shortcuts.safetensors"))
+    assert len(saved) == 2 * CONNECTIONS  # checkpoints keep the disabled connections too
+
+
+def test_shortcut_misconfigurations_get_one_clear_message(make_model_dir, tmp_path):
+    config = hetero_config(make_model_dir("llama"), tmp_path, shortcuts_mode="separated", keep=0.05)
+    config["shortcuts"] = SHORTCUTS
+    with pytest.raises(UserInputError, match=r"allocation.keep 0.05 of 10 LoRA modules enables none"):
+        train(validate_config(config))
+    config["allocation"] = {"method": "l1ra"}
+    with pytest.raises(UserInputError, match=r"shortcuts train with allocation\.method none or hetero"):
+        validate_config(config)
+    config["allocation"] = {"method": "none"}
+    config["training"].update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(UserInputError, match="use_reentrant: true cannot train shortcut connections"):
+        train(validate_config(config))
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("format: ranktune-plan-1\nmodules:\n  model.layers.0.self_attn.q_proj: {enabled: true, rank: 4}\n"
+                    "  model.layers.1.residual1: {enabled: true, rank: 2}\n")  # fmt: skip
+    del config["shortcuts"]
+    config["training"] = {"max_steps": 1}
+    config["lora"]["plan"] = str(plan)
+    with pytest.raises(UserInputError, match="enables shortcut connections, but the config has no `shortcuts`"):
+        train(validate_config(config))
 
 
 def test_shortcuts_under_gradient_checkpointing_get_the_same_gradients(make_model_dir, tmp_path):

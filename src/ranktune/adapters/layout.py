@@ -120,8 +120,8 @@ def read_shortcut_ranks(adapter_dir: str | Path) -> list[ModuleRank]:
     if not path.is_file():
         return []
     try:
-        connections = json.loads(path.read_text(encoding="utf-8"))["connections"]
-        width = int(json.loads(path.read_text(encoding="utf-8"))["hidden_size"])
+        described = json.loads(path.read_text(encoding="utf-8"))
+        connections, width = described["connections"], int(described["hidden_size"])
         return [
             ModuleRank(name, int(entry["layer"]), str(entry["kind"]), int(entry["r"]), width, width)
             for name, entry in connections.items()

@@ -17,6 +17,7 @@ that a resumed run continues with their trained values.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from ranktune.adapters.layout import SHORTCUTS_CONFIG, SHORTCUTS_WEIGHTS
 from ranktune.adapters.shortcuts import ShortcutSet, bare_model, install_shortcuts
 from ranktune.config import SHORTCUT_KINDS
 from ranktune.errors import UserInputError
+from ranktune.files import write_text_atomically
 from ranktune.models.module_settings import ShortcutSpec
 
 FORMAT = "ranktune-shortcuts-1"
@@ -38,14 +40,14 @@ def shortcut_files(shortcuts: ShortcutSet, only_enabled: bool = True) -> tuple[d
     """The tensors and the JSON description of the connections (only the enabled ones by default)."""
     tensors: dict[str, torch.Tensor] = {}
     described: dict[str, Any] = {}
-    for (index, kind), spec in shortcuts.specs().items():
-        connection = shortcuts.connections[str(index)][kind]
+    for name, connection in shortcuts.named_connections():
         if only_enabled and not connection.enabled:
             continue
-        name = f"{shortcuts.layers_path}.{index}.{kind}"
+        spec = connection.spec
         tensors[f"{name}.A"] = connection.A.detach().cpu().contiguous()
         tensors[f"{name}.B"] = connection.B.detach().cpu().contiguous()
-        described[name] = {"layer": index, "kind": kind, "r": spec.r, "alpha": spec.alpha, "dropout": spec.dropout}
+        layer, kind = name.rsplit(".", 2)[1:]
+        described[name] = {"layer": int(layer), "kind": kind, "r": spec.r, "alpha": spec.alpha, "dropout": spec.dropout}
     config = {
         "format": FORMAT,
         "model_type": shortcuts.model_type,
@@ -57,10 +59,13 @@ def shortcut_files(shortcuts: ShortcutSet, only_enabled: bool = True) -> tuple[d
 
 
 def write_shortcuts(shortcuts: ShortcutSet, folder: Path, only_enabled: bool = True) -> None:
-    """Writes shortcuts.safetensors and shortcuts.json into `folder` (the caller stages and moves the folder)."""
+    """Writes shortcuts.safetensors, then shortcuts.json, into `folder`, each through a temporary file moved into
+    place, so a crash never leaves a half-written file (a checkpoint without them is refused on resume)."""
     tensors, config = shortcut_files(shortcuts, only_enabled)
-    save_file(tensors, str(folder / SHORTCUTS_WEIGHTS), metadata={"format": "pt"})
-    (folder / SHORTCUTS_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    partial = folder / f".{SHORTCUTS_WEIGHTS}.partial"
+    save_file(tensors, str(partial), metadata={"format": "pt"})
+    os.replace(partial, folder / SHORTCUTS_WEIGHTS)
+    write_text_atomically(folder / SHORTCUTS_CONFIG, json.dumps(config, indent=2) + "\n")
 
 
 def read_shortcut_config(folder: Path) -> dict[str, Any] | None:
@@ -76,16 +81,19 @@ def read_shortcut_config(folder: Path) -> dict[str, Any] | None:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserInputError(f"cannot read {path}: {error}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+    connections = config.get("connections") if isinstance(config, dict) else None
+    if not isinstance(connections, dict) or config.get("format") != FORMAT:
         raise UserInputError(f"{path} is not a ranktune shortcut description (expected format: {FORMAT})")
-    for name, entry in config.get("connections", {}).items():
+    for name, entry in config["connections"].items():
         valid = (
             isinstance(entry, dict)
             and entry.get("kind") in SHORTCUT_KINDS
             and isinstance(entry.get("layer"), int)
+            and entry["layer"] >= (1 if entry["kind"] == "shortcut2" else 0)
             and isinstance(entry.get("r"), int)
             and entry["r"] > 0
             and isinstance(entry.get("alpha"), (int, float))
+            and isinstance(entry.get("dropout", 0.0), (int, float))
         )
         if not valid:
             raise UserInputError(
@@ -110,6 +118,8 @@ def load_shortcut_weights(shortcuts: ShortcutSet, folder: Path) -> None:
         UserInputError: the file is missing, unreadable, or does not match the installed connections.
     """
     path = folder / SHORTCUTS_WEIGHTS
+    if not path.is_file():
+        raise UserInputError(f"{path} is missing: this folder was saved without its shortcut connections")
     try:
         tensors = load_file(str(path))
     except (OSError, SafetensorError) as error:
@@ -151,5 +161,13 @@ def load_shortcuts(model: nn.Module, folder: str | Path) -> ShortcutSet | None:
             f"{config.get('hidden_size')}, not this {model_type} of hidden size {base.config.hidden_size}"
         )
     shortcuts = install_shortcuts(model, _specs(config))
+    layer_count = len(base.get_submodule(shortcuts.layers_path))
+    outside = [name for name, entry in config["connections"].items() if entry["layer"] >= layer_count]
+    if config.get("layers") != shortcuts.layers_path or outside:
+        raise UserInputError(
+            f"{folder / SHORTCUTS_CONFIG} describes connections this model does not have (layers "
+            f"'{config.get('layers')}', {outside[:3] or 'no layer out of range'}); the model has {layer_count} layers "
+            f"under '{shortcuts.layers_path}'"
+        )
     load_shortcut_weights(shortcuts, folder)
     return shortcuts

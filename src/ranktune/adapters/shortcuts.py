@@ -28,6 +28,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ranktune.config import SHORTCUT_KINDS
+from ranktune.errors import UserInputError
 from ranktune.models.architectures import Architecture, architecture_of, hidden_size, transformer_layers
 from ranktune.models.module_settings import ShortcutSpec
 
@@ -56,8 +57,10 @@ class LowRankShortcut(nn.Module):
         self.mask.fill_(1.0 if value else 0.0)
 
     def forward(self, source: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(source.to(self.A.dtype))  # (..., d)
-        return (x @ self.A.T @ self.B.T) * (self.scaling * self.mask)  # (..., d)
+        # Masking the input, not the output: a disabled connection adds an exact zero even where x·A·B would
+        # overflow in half precision (inf · 0 is NaN).
+        x = self.dropout(source.to(self.A.dtype)) * self.mask  # (..., d)
+        return (x @ self.A.T @ self.B.T) * self.scaling  # (..., d)
 
 
 def connection_name(layers_path: str, index: int, kind: str) -> str:
@@ -75,6 +78,7 @@ class ShortcutSet(nn.Module):
     def __init__(self, model: PreTrainedModel, specs: dict[tuple[int, str], ShortcutSpec]) -> None:
         super().__init__()
         architecture = architecture_of(model)
+        _check_supported_settings(model)
         self.model_type = str(model.config.model_type)
         self.layers_path, layers = transformer_layers(model, architecture)
         self.width = hidden_size(model)
@@ -121,13 +125,6 @@ class ShortcutSet(nn.Module):
                 layer.get_submodule(architecture.ffn_output).register_forward_hook(self._add_to_ffn(index)),
             ]
         return handles
-
-    def remove(self) -> None:
-        """Removes the hooks (the model computes its base function again) and the set from the model."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._forget()
 
     def _forget(self) -> None:
         self._inputs.clear()
@@ -180,6 +177,19 @@ class ShortcutSet(nn.Module):
         return hook
 
 
+def _check_supported_settings(model: PreTrainedModel) -> None:
+    """Refuses model settings under which the hooks would see partial sub-layers or skipped layers."""
+    if getattr(model.config, "chunk_size_feed_forward", 0):
+        raise UserInputError(
+            "shortcut connections need the FFN applied to whole sequences; set the model's chunk_size_feed_forward to 0"
+        )
+    if getattr(model.config, "layerdrop", 0.0):
+        raise UserInputError(
+            "shortcut connections need every layer to run (a dropped layer leaves its connections without gradients); "
+            "set the model's layerdrop to 0"
+        )
+
+
 def bare_model(model: nn.Module) -> PreTrainedModel:
     """The transformers model inside a PeftModel (or the model itself)."""
     inner = getattr(getattr(model, "base_model", None), "model", None)
@@ -191,7 +201,9 @@ def install_shortcuts(model: nn.Module, specs: dict[tuple[int, str], ShortcutSpe
     the hooks see LoRA's output too); their parameters become the model's, trainable.
 
     Raises:
-        UserInputError: the model's family has no known layout (the message names the supported ones).
+        UserInputError: the model's family has no known layout (the message names the supported ones), or a model
+            setting the hooks cannot follow.
+        ValueError: the model already has shortcut connections.
     """
     base = bare_model(model)
     if hasattr(base, ATTRIBUTE):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from peft import PeftModel
@@ -46,7 +46,7 @@ class HeteroSettings:
     keep: float = 0.25
     batches: int = 32
     online: bool = False
-    shortcuts_mode: str = "combined"
+    shortcuts_mode: Literal["combined", "separated", "off"] = "combined"
 
 
 def reallocation_interval(every: int | float, steps_per_epoch: int) -> int:

@@ -41,9 +41,10 @@ def is_shortcut(name: str) -> bool:
 
 def keep_counts(lora_count: int, shortcut_count: int, keep: float, mode: str) -> tuple[int, int]:
     """(LoRA slots, shortcut slots) that `keep` grants; "off" keeps every shortcut outside the competition."""
+    lora_slots = math.floor(keep * lora_count + 1e-9)  # floor(0.29 · 100) is 28 in floating point
     if mode == "off":
-        return math.floor(keep * lora_count), shortcut_count
-    return math.floor(keep * lora_count), round(keep * shortcut_count)
+        return lora_slots, shortcut_count
+    return lora_slots, round(keep * shortcut_count)
 
 
 def select(scores: dict[str, float], keep: float, mode: str, seed: int, key: str = "keep") -> list[str]:
@@ -52,19 +53,25 @@ def select(scores: dict[str, float], keep: float, mode: str, seed: int, key: str
     Args:
         key: how the user set `keep` (`--keep`, `allocation.keep`), for the error message.
 
+    In combined mode at least one LoRA module stays enabled (the best one replaces the last shortcut chosen), so
+    the adapter is never empty.
+
     Raises:
-        UserInputError: `keep` enables nothing.
+        UserInputError: `keep` enables no LoRA module.
     """
     lora = {name: score for name, score in scores.items() if not is_shortcut(name)}
     shortcuts = {name: score for name, score in scores.items() if is_shortcut(name)}
     lora_slots, shortcut_slots = keep_counts(len(lora), len(shortcuts), keep, mode)
-    if lora_slots + (shortcut_slots if mode != "off" else 0) == 0:
-        pool = f"{len(lora)} LoRA modules and {len(shortcuts)} shortcuts" if shortcuts else f"{len(lora)} modules"
+    if lora_slots == 0:
         raise UserInputError(
-            f"{key} {keep} of {pool} enables none; the smallest useful {key} is {1 / max(len(lora), 1):.4g}"
+            f"{key} {keep} of {len(lora)} LoRA modules enables none; the smallest useful {key} is "
+            f"{1 / max(len(lora), 1):.4g}"
         )
     if mode == "combined":
-        return rank_order(scores, seed)[: lora_slots + shortcut_slots]
+        chosen = rank_order(scores, seed)[: lora_slots + shortcut_slots]
+        if all(is_shortcut(name) for name in chosen):
+            chosen[-1] = rank_order(lora, seed)[0]
+        return chosen
     chosen = rank_order(lora, seed)[:lora_slots]
     if mode == "off":
         return chosen + sorted(shortcuts)
@@ -120,10 +127,10 @@ def make_plan(
     order = rank_order(scores, seed)
     kept = select(scores, keep, shortcuts_mode, seed, key="--keep")
     pool = {name: (ranks or {}).get(name, rank) for name in scores}
-    ranks = {name: pool[name] for name in kept}
+    chosen = {name: pool[name] for name in kept}
     if redistribute:
-        ranks = redistribute_ranks({n: scores[n] for n in kept}, costs, sum(pool[n] * costs[n] for n in kept))
-    return {name: {"enabled": name in ranks, "rank": ranks.get(name, 0), "score": scores[name]} for name in order}
+        chosen = redistribute_ranks({n: scores[n] for n in kept}, costs, sum(pool[n] * costs[n] for n in kept))
+    return {name: {"enabled": name in chosen, "rank": chosen.get(name, 0), "score": scores[name]} for name in order}
 
 
 def read_scores(path: str | Path) -> dict[str, Any]:
@@ -196,6 +203,11 @@ def planned_lora(settings: LoraSettings) -> LoraSettings:
             "alpha_pattern": {name: settings.alpha * growth(rank) for name, rank in enabled.items()},
         }
     )
+
+
+def plan_has_shortcuts(plan_path: str) -> bool:
+    """Whether a plan was made from scores that include shortcut connections."""
+    return any(is_shortcut(name) for name in read_plan(plan_path))
 
 
 def planned_shortcuts(

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ranktune.adapters.lora import attach_lora
-    from ranktune.allocation.plan import SCORES_FORMAT
+    from ranktune.allocation.plan import SCORES_FORMAT, planned_lora
     from ranktune.allocation.saliency import candidates, first_batches, score_modules
     from ranktune.data import build_collator
     from ranktune.files import write_text_atomically
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from ranktune.training.run import prepare_run
 
     run_parts = prepare_run(config)
-    lora_settings, dropouts = resolve_lora_settings(run_parts.model, config.lora)
+    lora_settings, dropouts = resolve_lora_settings(run_parts.model, planned_lora(config.lora))
     model = attach_lora(run_parts.model, lora_settings, config.model.task)
     apply_module_dropouts(model, dropouts)
     attach_shortcuts(model, config)

@@ -3,7 +3,9 @@
 HeteroLoRA's shortcut connections and its per-module settings speak of a layer's parts by role, not by the
 family's own names. One table here maps the roles onto each family's module paths, relative to one layer:
 
-- `attention_output`: the module whose output is the attention sub-layer's result, before the residual add;
+- `attention_output`: the module whose output is the attention sub-layer's result, before the residual add (after
+  the sub-layer's dropout module where the family has one; OPT's dropout is functional, so there the shortcut terms
+  pass through the sub-layer's dropout in training);
 - `ffn_input`: the module whose first input is the residual stream entering the FFN sub-layer (h_i);
 - `ffn_output`: the module whose output is the FFN sub-layer's result, before the residual add;
 - `projections`: the reference's abstract projection names (q_proj, k_proj, v_proj, o_proj, w1, w2, gate).
@@ -74,9 +76,9 @@ _OPT_POST_LN = Architecture("opt", "decoder.layers", "self_attn", "fc1", "fc2", 
 _BERT = Architecture(
     family="bert",
     layers="encoder.layer",
-    attention_output="attention.output.dense",
+    attention_output="attention.output.dropout",
     ffn_input="intermediate",
-    ffn_output="output.dense",
+    ffn_output="output.dropout",
     projections={
         "q_proj": "attention.self.query",
         "k_proj": "attention.self.key",

@@ -18,10 +18,11 @@ from ranktune.allocation.callback import AllocationCallback
 from ranktune.allocation.components import install_gates
 from ranktune.allocation.hetero import HeteroSettings, HeteroStrategy
 from ranktune.allocation.l1ra import L1RASettings, L1RAStrategy
-from ranktune.allocation.plan import planned_lora, planned_shortcuts
+from ranktune.allocation.plan import plan_has_shortcuts, planned_lora, planned_shortcuts
 from ranktune.allocation.saliency import first_batches
 from ranktune.allocation.strategy import AllocationStrategy
 from ranktune.config import AdaLoRAAllocation, RunConfig
+from ranktune.errors import UserInputError
 from ranktune.models.module_settings import apply_module_dropouts, resolve_lora_settings, resolve_shortcut_specs
 
 
@@ -54,8 +55,17 @@ def adalora_settings(allocation: AdaLoRAAllocation, lora_r: int) -> AdaLoRASetti
 
 
 def attach_shortcuts(model: PeftModel, config: RunConfig) -> ShortcutSet | None:
-    """Installs the `shortcuts` section's connections (as `lora.plan` leaves them) on a LoRA-wrapped model."""
+    """Installs the `shortcuts` section's connections (as `lora.plan` leaves them) on a LoRA-wrapped model.
+
+    Raises:
+        UserInputError: the plan has shortcut entries but the config no `shortcuts` section to install them from.
+    """
     if config.shortcuts is None:
+        if config.lora.plan and plan_has_shortcuts(config.lora.plan):
+            raise UserInputError(
+                f"lora.plan '{config.lora.plan}' enables shortcut connections, but the config has no `shortcuts` "
+                "section; add the section the scores were computed with"
+            )
         return None
     specs = resolve_shortcut_specs(bare_model(model), config.shortcuts)
     if config.lora.plan:
@@ -95,7 +105,7 @@ def attach_adapter(
         return model, None
     seed = int(config.training.get("seed", 42))
     if allocation.method == "hetero":
-        modules = install_gates(model, config.lora.r)  # on/off per module: no capacity beyond the pool rank
+        modules = install_gates(model, 0)  # on/off per module: each keeps its own rank, no reserve capacity
         settings = HeteroSettings(**allocation.model_dump(exclude={"method"}))
         batch_size = args.per_device_train_batch_size
         batches = [] if settings.online else first_batches(train_dataset, collator, batch_size, settings.batches)
