@@ -20,7 +20,7 @@ def rank_table(modules: list[ModuleRank]) -> str:
     totals = module_totals(modules)
     rows.append(
         f"total: {totals['module_count']} modules, rank {totals['total_rank']}, "
-        f"{totals['adapter_parameters']:,} LoRA parameters"
+        f"{totals['adapter_parameters']:,} adapter parameters"
     )
     return "\n".join(rows)
 

@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UserInputError(f"--plot expects a .png file name, got '{args.plot}'")
     modules = read_module_ranks(adapter_dir) + read_shortcut_ranks(adapter_dir)
+    modules.sort(key=lambda m: (-1 if m.layer is None else m.layer, m.module))  # shortcuts beside their layer
     if args.json:
         report = {"adapter": str(adapter_dir), "modules": [m.to_dict() for m in modules], **module_totals(modules)}
         print(json.dumps(report))
