@@ -42,20 +42,15 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     import torch
 
-    from ranktune.adapters.lora import attach_lora
-    from ranktune.allocation.plan import SCORES_FORMAT, planned_lora
+    from ranktune.allocation.plan import SCORES_FORMAT
     from ranktune.allocation.saliency import candidates, first_batches, score_modules
     from ranktune.data import build_collator
     from ranktune.files import write_text_atomically
-    from ranktune.models.module_settings import apply_module_dropouts, resolve_lora_settings
-    from ranktune.training.allocation import attach_shortcuts
+    from ranktune.training.allocation import attach_configured_lora
     from ranktune.training.run import prepare_run
 
     run_parts = prepare_run(config)
-    lora_settings, dropouts = resolve_lora_settings(run_parts.model, planned_lora(config.lora))
-    model = attach_lora(run_parts.model, lora_settings, config.model.task)
-    apply_module_dropouts(model, dropouts)
-    attach_shortcuts(model, config)
+    model = attach_configured_lora(run_parts.model, config)
     if torch.cuda.is_available():
         model.cuda()
     collator = build_collator(run_parts.tokenizer, config.model.task, packing=config.data.packing)

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, TrainingArguments
 
 from ranktune.adapters.layout import RANK_HISTORY
 from ranktune.adapters.lora import attach_peft, build_lora_config
-from ranktune.adapters.shortcuts import ShortcutSet, bare_model, install_shortcuts
+from ranktune.adapters.shortcuts import ShortcutSet, bare_model, find_shortcuts, install_shortcuts
 from ranktune.allocation.adalora import AdaLoRASettings, AdaLoRAStrategy, build_adalora_config
 from ranktune.allocation.callback import AllocationCallback
 from ranktune.allocation.components import install_gates
@@ -73,6 +73,18 @@ def attach_shortcuts(model: PeftModel, config: RunConfig) -> ShortcutSet | None:
     return install_shortcuts(model, specs) if specs else None
 
 
+def attach_configured_lora(
+    model: PreTrainedModel, config: RunConfig, gradient_checkpointing: bool = False
+) -> PeftModel:
+    """LoRA from the `lora` section (its plan and per-module settings applied), then the shortcut connections: the
+    candidate pool that training and `ranktune saliency` share."""
+    lora_settings, dropouts = resolve_lora_settings(model, planned_lora(config.lora))
+    model = attach_peft(model, build_lora_config(lora_settings, config.model.task), gradient_checkpointing)
+    apply_module_dropouts(model, dropouts)
+    attach_shortcuts(model, config)
+    return model
+
+
 def attach_adapter(
     model: PreTrainedModel,
     config: RunConfig,
@@ -88,19 +100,17 @@ def attach_adapter(
         UserInputError: targets that match nothing, or an AdaLoRA schedule with no room to reallocate.
     """
     allocation = config.allocation
-    lora_settings, dropouts = resolve_lora_settings(model, planned_lora(config.lora))
-    lora_config = build_lora_config(lora_settings, config.model.task)
     checkpointing = bool(args.gradient_checkpointing)
     history = output_dir / RANK_HISTORY
-    if allocation.method == "adalora":
+    if allocation.method == "adalora":  # the config refuses plans, per-module settings and shortcuts with AdaLoRA
         settings = adalora_settings(allocation, config.lora.r)
+        lora_config = build_lora_config(config.lora, config.model.task)
         adalora_config = build_adalora_config(lora_config, settings, estimate_total_steps(args, len(train_dataset)))
         model = attach_peft(model, adalora_config, checkpointing)
         strategy: AllocationStrategy = AdaLoRAStrategy(model, settings)
         return model, AttachedAllocation(strategy, AllocationCallback(strategy, history))
-    model = attach_peft(model, lora_config, checkpointing)
-    apply_module_dropouts(model, dropouts)
-    shortcuts = attach_shortcuts(model, config)
+    model = attach_configured_lora(model, config, checkpointing)
+    shortcuts = find_shortcuts(model)
     if allocation.method == "none":
         return model, None
     seed = int(config.training.get("seed", 42))
