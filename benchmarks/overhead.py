@@ -3,24 +3,24 @@
 Each (variant, repetition) runs in its own process, so peak memory is per variant; repetitions are interleaved
 (A B C A B C ...) so drift in machine load hits every variant alike. Reports the median step time over the timed
 steps of all repetitions and the median peak memory (CUDA: max allocated; CPU: max resident set size), each with its
-ratio to the baseline, and writes docs/benchmarks.md. The mean step time is reported too: HeteroLoRA's offline
-scoring runs inside the steps that reallocate, which a median hides.
+ratio to the baseline. The mean step time is reported too: HeteroLoRA's offline scoring runs inside the steps that
+reallocate, which a median hides. Writes the `overhead` section of docs/benchmarks.md and docs/data/overhead.json.
 
-    python benchmarks/overhead.py [--models tiny smollm2-135m] [--steps N] [--repeats N]
+    python -m benchmarks.overhead [--models tiny smollm2-135m] [--steps N] [--repeats N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from benchmarks.common import StepTimer, machine, update_section
 
 VARIANTS = (
     "peft-lora-baseline",
@@ -72,7 +72,7 @@ def measure(variant: str, model_name: str, steps: int, out: Path) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+    from transformers import Trainer, TrainingArguments, default_data_collator
 
     batch, length = SHAPES[model_name]
     model = build_model(model_name, out)
@@ -104,30 +104,15 @@ def measure(variant: str, model_name: str, steps: int, out: Path) -> dict:
             callbacks.insert(0, attached.callback)
     if variant == "peft-lora-baseline":
         model.base_model.model.config.use_cache = False
-    times: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.start)
-
+    timer = StepTimer()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    Trainer(model=model, args=args, train_dataset=data, callbacks=[*callbacks, StepTimer()]).train()
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[*callbacks, timer]).train()
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    return {"times": times[WARMUP_STEPS:], "peak_mib": peak}
-
-
-def machine() -> str:
-    import torch
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    return f"{platform.platform()}; {platform.processor() or platform.machine()}; {device}; torch {torch.__version__}"
+    return {"times": timer.times[WARMUP_STEPS:], "peak_mib": peak}
 
 
 def main() -> None:
@@ -135,7 +120,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: 40 tiny, 12 smollm2-135m)")
     parser.add_argument("--repeats", type=int, help="repetitions per variant (default: 3 tiny, 2 smollm2-135m)")
-    parser.add_argument("--out", default="docs/benchmarks.md")
+    parser.add_argument("--doc", default="docs/benchmarks.md")
+    parser.add_argument("--data-out", default="docs/data/overhead.json")
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -144,9 +130,9 @@ def main() -> None:
             print(json.dumps(measure(args.worker[0], args.worker[1], steps, Path(folder))))
         return
     lines = [
-        "# Benchmarks",
+        "## Overhead: ranktune's methods against PEFT LoRA",
         "",
-        "Written by `python benchmarks/overhead.py`. Median optimizer-step time (after "
+        "Written by `python -m benchmarks.overhead`. Median optimizer-step time (after "
         f"{WARMUP_STEPS} warm-up steps) and peak memory per variant; every (variant, repetition) runs in its own "
         "process and repetitions are interleaved. LoRA r 8, alpha 16, all-linear; L1RA with default settings "
         "(capacity 2 x r); AdaLoRA (PEFT's layers) with init_r 8, target_r 4 and ranktune's default schedule; "
@@ -155,11 +141,13 @@ def main() -> None:
         f"over extra batches ({OFFLINE_BATCHES['tiny']} on the tiny model, {OFFLINE_BATCHES['smollm2-135m']} on "
         "SmolLM2-135M). The median step hides the offline scoring, which runs inside the reallocating steps; the "
         "mean step includes it. The repetition medians show the run-to-run noise of the machine: read ratios within "
-        "that band as equal.",
+        "that band as equal. Peak memory is CUDA's max allocated on a GPU, the process's peak resident set on a CPU "
+        "(model included).",
         "",
         f"Machine: {machine()}.",
         "",
     ]
+    measured: dict[str, dict[str, list[dict]]] = {}
     for model_name in args.models:
         steps = args.steps or DEFAULT_STEPS[model_name]
         repeats = args.repeats or DEFAULT_REPEATS[model_name]
@@ -167,35 +155,45 @@ def main() -> None:
         for repeat in range(repeats):
             for variant in VARIANTS:
                 print(f"[{model_name}] repetition {repeat + 1}/{repeats}: {variant}", file=sys.stderr, flush=True)
-                command = [sys.executable, __file__, "--worker", variant, model_name, "--steps", str(steps)]
-                done = subprocess.run(command, capture_output=True, text=True, check=True)
+                command = [sys.executable, "-m", "benchmarks.overhead", "--worker", variant, model_name,
+                           "--steps", str(steps)]  # fmt: skip
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    sys.exit(f"error: the {variant} worker on {model_name} failed:\n{done.stderr[-3000:]}")
                 results[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
-        batch, length = SHAPES[model_name]
-        lines += [
-            f"## {model_name} (batch {batch}, sequence length {length}, {steps} steps x {repeats})",
-            "",
-            "| variant | median step (s) | ratio | mean step (s) | ratio | repetition medians (s) "
-            "| peak memory (MiB) | ratio |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        base_time = base_mean = base_peak = 0.0
-        for variant in VARIANTS:
-            times = [t for r in results[variant] for t in r["times"]]
-            step, mean = statistics.median(times), statistics.fmean(times)
-            peak = statistics.median(r["peak_mib"] for r in results[variant])
-            if variant == VARIANTS[0]:
-                base_time, base_mean, base_peak = step, mean, peak
-            spread = ", ".join(f"{statistics.median(r['times']):.4f}" for r in results[variant])
-            ratios = (
-                f"{step / base_time:.3f}x | {mean:.4f} | {mean / base_mean:.3f}x | {spread} | {peak:.0f} "
-                f"| {peak / base_peak:.3f}x"
-            )
-            lines.append(f"| {variant} | {step:.4f} | {ratios} |")
-        lines.append("")
+        measured[model_name] = results
+        lines += [*model_table(model_name, results, steps, repeats), ""]
         print("\n".join(lines[-len(VARIANTS) - 4 :]), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines), encoding="utf-8")
-    print(f"written: {args.out}")
+    Path(args.data_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.data_out).write_text(json.dumps({"machine": machine(), "results": measured}, indent=1) + "\n")
+    section = "\n".join(lines)
+    print(f"written: {update_section('overhead', section, Path(args.doc))}, {args.data_out}")
+
+
+def model_table(model_name: str, results: dict[str, list[dict]], steps: int, repeats: int) -> list[str]:
+    """The markdown table of one model: each variant's step time and peak memory, with ratios to the baseline."""
+    batch, length = SHAPES[model_name]
+    lines = [
+        f"### {model_name} (batch {batch}, sequence length {length}, {steps} steps x {repeats})",
+        "",
+        "| variant | median step (s) | ratio | mean step (s) | ratio | repetition medians (s) "
+        "| peak memory (MiB) | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base_time = base_mean = base_peak = 0.0
+    for variant in VARIANTS:
+        times = [t for r in results[variant] for t in r["times"]]
+        step, mean = statistics.median(times), statistics.fmean(times)
+        peak = statistics.median(r["peak_mib"] for r in results[variant])
+        if variant == VARIANTS[0]:
+            base_time, base_mean, base_peak = step, mean, peak
+        spread = ", ".join(f"{statistics.median(r['times']):.4f}" for r in results[variant])
+        ratios = (
+            f"{step / base_time:.3f}x | {mean:.4f} | {mean / base_mean:.3f}x | {spread} | {peak:.0f} "
+            f"| {peak / base_peak:.3f}x"
+        )
+        lines.append(f"| {variant} | {step:.4f} | {ratios} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,0 +1,272 @@
+"""What each method buys: LoRA at several ranks against L1RA, AdaLoRA and HeteroLoRA at a matched budget.
+
+Every run goes through ranktune's own `train` (and, for static HeteroLoRA, `ranktune saliency` and `ranktune plan`);
+test metrics come from `ranktune eval` on the saved adapter, so what is measured is what a user gets. Each method is
+tuned on validation data over an equal-sized grid with the first seed, the chosen setting runs with the other seeds,
+and only those runs are evaluated on test data. Runs are cached in `--work` (one JSON line each), so an interrupted
+study resumes where it stopped. Writes docs/results.md, its plots and heatmaps, and docs/data/quality.json.
+
+    python -m benchmarks.quality [--profile cpu|gpu] [--tasks NAME ...] [--methods NAME ...] [--work runs/quality]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.quality_report import write_report
+from benchmarks.quality_study import (
+    PROFILES,
+    GridPoint,
+    Method,
+    Profile,
+    Task,
+    grid,
+    keep_fraction,
+    run_config,
+    run_id,
+)
+
+
+def _quiet() -> None:
+    """The study prints one line per run; each run's own output goes to its log file."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # already imported, so the variables above came too late for it
+    datasets.disable_progress_bars()
+
+
+class RunFailed(RuntimeError):
+    """A run of the study failed; its log says why."""
+
+
+@contextlib.contextmanager
+def _logged(path: Path):
+    """Sends stdout and stderr of the block to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        yield
+
+
+def _cli(*argv: str) -> str:
+    """Runs a `ranktune` command in this process; returns what it printed on stdout."""
+    from ranktune.cli.main import main
+
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        code = main(list(argv))
+    sys.stdout.write(captured.getvalue())
+    if code != 0:
+        raise RunFailed(f"`ranktune {' '.join(argv)}` exited with {code}")
+    return captured.getvalue()
+
+
+def static_plan(config: dict[str, Any], heuristic: str, batches: int, seed: int, folder: Path) -> str:
+    """Static HeteroLoRA: scores the config's pool with `ranktune saliency`, keeps its budget with `ranktune plan`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pool_config = folder / "pool.yaml"
+    pool_config.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    scores, plan = folder / "scores.json", folder / "plan.yaml"
+    _cli("saliency", str(pool_config), "--heuristic", heuristic, "--batches", str(batches), "--out", str(scores))
+    keep = keep_fraction(config["lora"]["r"])
+    _cli("plan", str(scores), "--keep", str(keep), "--seed", str(seed), "--out", str(plan))
+    return str(plan)
+
+
+def adapter_size(adapter_dir: Path) -> dict[str, int]:
+    """LoRA modules, total rank and parameters of the exported adapter, shortcut connections included."""
+    from ranktune.adapters.layout import module_totals, read_module_ranks, read_shortcut_ranks
+
+    lora = module_totals(read_module_ranks(adapter_dir))
+    shortcuts = module_totals(read_shortcut_ranks(adapter_dir))
+    return {
+        "modules": lora["module_count"],
+        "total_rank": lora["total_rank"],
+        "shortcuts": shortcuts["module_count"],
+        "adapter_parameters": lora["adapter_parameters"] + shortcuts["adapter_parameters"],
+    }
+
+
+def train_one(task: Task, method: Method, point: GridPoint, seed: int, folder: Path) -> dict[str, Any]:
+    """One training run (after its static search, if any); returns its record without test metrics."""
+    from ranktune import train
+    from ranktune.config import validate_config
+
+    config = run_config(task, method, point, seed, str(folder))
+    del config["data"]["test"]  # read only by `test_metrics`, for the chosen settings; `train` would score it twice
+    started = time.perf_counter()
+    if method.static_search:
+        search = folder.with_name(f"{folder.name}-search")
+        config["lora"]["plan"] = static_plan(config, method.static_search, task.saliency_batches, seed, search)
+    result = train(validate_config(config, source=f"{task.name}/{method.name}"), overwrite=True)
+    wall = time.perf_counter() - started
+    metric_key = f"eval_{task.metric}"
+    second_key = f"eval_{task.second_metric}"
+    return {
+        "validation": {task.metric: result.metrics[metric_key], task.second_metric: result.metrics.get(second_key)},
+        "train_seconds": result.metrics["train_runtime"],
+        "wall_seconds": wall,
+        "trained_parameters": result.info["trainable_parameters"],
+        **adapter_size(folder),
+    }
+
+
+def test_metrics(task: Task, adapter_dir: Path) -> dict[str, Any]:
+    """`ranktune eval ADAPTER --data TEST --json`: the test metrics of a saved adapter."""
+    from ranktune import assets
+
+    printed = _cli("eval", str(adapter_dir), "--data", assets.resolve(task.data["test"]), "--json")
+    return json.loads(printed.strip().splitlines()[-1])
+
+
+@dataclass
+class RecordStore:
+    """The study's records, one JSON line per run, read back on a rerun so finished runs are not repeated."""
+
+    path: Path
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        if not self.path.is_file():
+            return {}
+        records = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return {record["id"]: record for record in records}
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as out:
+            out.write(json.dumps(record) + "\n")
+
+
+class Study:
+    """Runs a profile's grid, seeds and test evaluations, printing one progress line per run."""
+
+    def __init__(self, profile: Profile, work: Path) -> None:
+        self.profile = profile
+        self.work = work
+        self.store = RecordStore(work / "records.jsonl")
+        self.records = self.store.load()
+        self.finished: set[str] = set()
+        self.total = sum(
+            len(grid(task, method)) + len(profile.seeds) - 1 for task in profile.tasks for method in profile.methods
+        )
+        self.started = time.perf_counter()
+
+    def _progress(self, message: str) -> None:
+        elapsed = time.perf_counter() - self.started
+        print(
+            f"[{len(self.finished)}/{self.total} runs, {elapsed / 60:.1f} min] {message}", file=sys.stderr, flush=True
+        )
+
+    def run(self, task: Task, method: Method, point: GridPoint, seed: int, with_test: bool) -> dict[str, Any]:
+        """The record of one run: from the cache if it ran before, else trained now (and tested if asked)."""
+        config = run_config(task, method, point, seed, "")
+        key = run_id(config, method)
+        folder = self.work / task.name / method.name / f"{key}-seed{seed}"
+        record = self.records.get(key)
+        done = []
+        if record is None:
+            try:
+                with _logged(folder.with_suffix(".log")):
+                    measured = train_one(task, method, point, seed, folder)
+            except Exception as error:
+                raise RunFailed(f"{task.name} / {method.name} ({point.describe(method)}, seed {seed}) failed: "
+                                f"{error}; see {folder.with_suffix('.log')}") from error  # fmt: skip
+            record = {"id": key, "task": task.name, "method": method.name, "learning_rate": point.learning_rate,
+                      "knob": method.knob[0], "knob_value": point.knob_value, "seed": seed, "adapter_dir": str(folder),
+                      "test": None, **measured}  # fmt: skip
+            self.store.append(record)
+            done.append(f"trained in {record['wall_seconds']:.0f} s")
+        if with_test and record["test"] is None:
+            started = time.perf_counter()
+            with _logged(folder.with_name(folder.name + "-test.log")):
+                record["test"] = test_metrics(task, Path(record["adapter_dir"]))
+            record["test_seconds"] = time.perf_counter() - started
+            self.store.append(record)
+            done.append("tested")
+        self.records[key] = record
+        if key not in self.finished or done:
+            self.finished.add(key)
+            shown = f"validation {task.metric} {record['validation'][task.metric]:.4f}"
+            if record["test"]:
+                shown += f", test {task.metric} {record['test'][task.metric]:.4f}"
+            self._progress(
+                f"{task.name} / {method.label} ({point.describe(method)}, seed {seed}): {shown}, "
+                f"{record['adapter_parameters']:,} adapter parameters ({', '.join(done) or 'cached'})"
+            )
+        return record
+
+    def tune_and_repeat(self, task: Task, method: Method) -> dict[str, Any]:
+        """Tunes the method on validation with the first seed, then runs the chosen point with every seed."""
+        first, *others = self.profile.seeds
+        tuning = [(point, self.run(task, method, point, first, with_test=False)) for point in grid(task, method)]
+        sign = 1 if task.higher_is_better else -1
+        chosen, _ = max(tuning, key=lambda pair: sign * pair[1]["validation"][task.metric])  # first best on ties
+        final = [self.run(task, method, chosen, seed, with_test=True) for seed in (first, *others)]
+        return {
+            "task": task.name,
+            "method": method.name,
+            "chosen": {"learning_rate": chosen.learning_rate, "knob": method.knob[0], "knob_value": chosen.knob_value},
+            "tuning": [record["id"] for _, record in tuning],
+            "final": [record["id"] for record in final],
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--tasks", nargs="+", metavar="NAME", help="only these tasks (default: all of the profile)")
+    parser.add_argument("--methods", nargs="+", metavar="NAME", help="only these methods (default: all)")
+    parser.add_argument("--work", default="runs/quality", help="where runs and the record cache live")
+    parser.add_argument("--out", default="docs/results.md")
+    parser.add_argument("--fresh", action="store_true", help="ignore cached runs (delete --work first)")
+    args = parser.parse_args()
+    _quiet()
+    profile = PROFILES[args.profile]()
+    tasks = _pick(profile.tasks, args.tasks, "--tasks")
+    methods = _pick(profile.methods, args.methods, "--methods")
+    profile = Profile(profile.name, tasks, methods, profile.seeds, profile.notes)
+    work = Path(args.work) / profile.name
+    if args.fresh and work.exists():
+        import shutil
+
+        shutil.rmtree(work)
+    study = Study(profile, work)
+    selections = [study.tune_and_repeat(task, method) for task in profile.tasks for method in profile.methods]
+    written = write_report(profile, selections, study.records, Path(args.out))
+    for path in written:
+        print(f"written: {path}")
+
+
+def _pick(items: tuple, names: list[str] | None, flag: str) -> tuple:
+    if not names:
+        return items
+    known = {item.name: item for item in items}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SystemExit(f"error: {flag}: unknown {', '.join(unknown)}; expected some of {', '.join(known)}")
+    return tuple(known[name] for name in names)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RunFailed as failure:
+        print(f"error: {failure}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,233 @@
+"""The quality study's report: per task and method, mean ± std over seeds, the comparison with LoRA at the same
+budget, a plot of test metric against adapter parameters, the final rank heatmaps, and the raw records as JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import machine
+from benchmarks.quality_study import BUDGET_R, Method, Profile, Task
+
+REFERENCE = f"lora-r{BUDGET_R}"  # what every adaptive method is compared with: LoRA at the budget it is matched to
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(task: Task, method: Method, selection: dict[str, Any], records: dict[str, dict]) -> dict[str, Any]:
+    """One row of a task's table: the chosen setting and its runs over the seeds."""
+    final = [records[key] for key in selection["final"]]
+    tuning = [records[key] for key in selection["tuning"]]
+    every_run = {record["id"]: record for record in tuning + final}.values()
+    test = [record["test"][task.metric] for record in final]
+    second = [record["test"][task.second_metric] for record in final]
+    validation = [record["validation"][task.metric] for record in final]
+    return {
+        "task": task.name,
+        "method": method.name,
+        "label": method.label,
+        "lora_r": method.lora_r,
+        "chosen": selection["chosen"],
+        "seeds": [record["seed"] for record in final],
+        "test": mean_std(test),
+        "test_values": test,
+        "second": mean_std(second),
+        "validation": mean_std(validation),
+        "adapter_parameters": mean_std([record["adapter_parameters"] for record in final]),
+        "trained_parameters": max(record["trained_parameters"] for record in final),
+        "total_rank": mean_std([record["total_rank"] for record in final]),
+        "shortcuts": mean_std([record["shortcuts"] for record in final]),
+        "train_seconds": mean_std([record["train_seconds"] for record in final]),
+        "wall_seconds": mean_std([record["wall_seconds"] for record in final]),
+        "study_seconds": sum(record["wall_seconds"] + record.get("test_seconds", 0.0) for record in every_run),
+        "runs": len(every_run),
+        "first_seed_dir": final[0]["adapter_dir"],
+    }
+
+
+def compare(row: dict[str, Any], reference: dict[str, Any], higher_is_better: bool) -> dict[str, float | str]:
+    """The gain over the reference (positive = better) with its standard error, and a plain verdict.
+
+    The standard error is sqrt(s1²/n1 + s2²/n2) over the seeds; a gain within two of them is not told from noise.
+    """
+    (mean, std), (ref_mean, ref_std) = row["test"], reference["test"]
+    gain = (mean - ref_mean) if higher_is_better else (ref_mean - mean)
+    error = math.sqrt(std**2 / len(row["seeds"]) + ref_std**2 / len(reference["seeds"]))
+    verdict = "no difference shown" if abs(gain) <= 2 * error else ("better" if gain > 0 else "worse")
+    return {"gain": gain, "error": error, "verdict": verdict}
+
+
+def _number(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _metric(pair: tuple[float, float]) -> str:
+    return f"{pair[0]:.4f} ± {pair[1]:.4f}"
+
+
+def _chosen(row: dict[str, Any]) -> str:
+    chosen = row["chosen"]
+    return f"lr {chosen['learning_rate']:g}, {chosen['knob'].split('.')[-1]} {chosen['knob_value']}"
+
+
+def task_table(task: Task, rows: list[dict[str, Any]]) -> list[str]:
+    """The markdown table of a task: one row per method."""
+    reference = next((row for row in rows if row["method"] == REFERENCE), None)
+    direction = "higher is better" if task.higher_is_better else "lower is better"
+    lines = [
+        f"| method | adapter parameters | held in training | total rank | chosen on validation "
+        f"| test {task.metric} ({direction}) | test {task.second_metric} | vs LoRA r {BUDGET_R} "
+        "| train s / run | tuning + seeds, min |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        versus = "—"
+        if reference is not None and row is not reference:
+            found = compare(row, reference, task.higher_is_better)
+            versus = f"{found['gain']:+.4f} ± {found['error']:.4f}: {found['verdict']}"
+        shortcuts = f" + {row['shortcuts'][0]:.1f} shortcuts" if row["shortcuts"][0] else ""
+        lines.append(
+            f"| {row['label']} | {_number(row['adapter_parameters'][0])} | {_number(row['trained_parameters'])} "
+            f"| {row['total_rank'][0]:.0f}{shortcuts} | {_chosen(row)} | {_metric(row['test'])} "
+            f"| {_metric(row['second'])} | {versus} | {row['train_seconds'][0]:.0f} | {row['study_seconds'] / 60:.1f} |"
+        )
+    return lines
+
+
+def headline(task: Task, rows: list[dict[str, Any]]) -> list[str]:
+    """Plain sentences: the best method on test, and what each adaptive method did against LoRA at its budget."""
+    sign = 1 if task.higher_is_better else -1
+    best = max(rows, key=lambda row: sign * row["test"][0])
+    lines = [f"- Best mean test {task.metric}: {best['label']} ({_metric(best['test'])})."]
+    reference = next((row for row in rows if row["method"] == REFERENCE), None)
+    if reference is None:
+        return lines
+    for row in rows:
+        if row["lora_r"] is not None:
+            continue
+        found = compare(row, reference, task.higher_is_better)
+        size = row["adapter_parameters"][0] / reference["adapter_parameters"][0]
+        cost = row["train_seconds"][0] / reference["train_seconds"][0]
+        lines.append(
+            f"- {row['label']} against LoRA r {BUDGET_R}: {found['gain']:+.4f} ± {found['error']:.4f} "
+            f"{task.metric} ({found['verdict']}), with {size:.2f}x its adapter parameters and {cost:.2f}x its "
+            "training time."
+        )
+    return lines
+
+
+def plot_quality(task: Task, rows: list[dict[str, Any]], path: Path) -> Path:
+    """Test metric (mean ± std over seeds) against adapter parameters; plain LoRA's ranks joined by a line."""
+    from ranktune.reports import _pyplot, _save
+
+    figure, axes = _pyplot().subplots(figsize=(7, 4.5))
+    lora = sorted((row for row in rows if row["lora_r"] is not None), key=lambda row: row["adapter_parameters"][0])
+    if lora:
+        axes.plot([row["adapter_parameters"][0] for row in lora], [row["test"][0] for row in lora], color="grey",
+                  linestyle="--", linewidth=1, zorder=1)  # fmt: skip
+    for row in rows:
+        axes.errorbar(row["adapter_parameters"][0], row["test"][0], yerr=row["test"][1], marker="o", capsize=3,
+                      label=row["label"], linestyle="none")  # fmt: skip
+    axes.set_xscale("log")
+    axes.set_xlabel("adapter parameters (exported)")
+    axes.set_ylabel(f"test {task.metric}")
+    axes.set_title(task.title, fontsize="medium")
+    axes.legend(fontsize="x-small", loc="best")
+    return _save(figure, path)
+
+
+def plot_heatmap(adapter_dir: str, label: str, path: Path) -> Path:
+    """The final rank of every LoRA module of one run as a layers × module-type heatmap."""
+    from ranktune.adapters.layout import read_module_ranks
+    from ranktune.reports import plot_module_heatmap
+
+    modules = read_module_ranks(adapter_dir)
+    return plot_module_heatmap({m.module: m.rank for m in modules}, path, f"{label}: final rank", "rank")
+
+
+def tuning_table(task: Task, method: Method, selection: dict[str, Any], records: dict[str, dict]) -> list[str]:
+    """Every tuning run of a method on a task with its validation metric; the chosen one in bold."""
+    lines = []
+    for key in selection["tuning"]:
+        record = records[key]
+        value = f"{record['validation'][task.metric]:.4f}"
+        chosen = selection["chosen"]
+        if (record["learning_rate"], record["knob_value"]) == (chosen["learning_rate"], chosen["knob_value"]):
+            value = f"**{value}**"
+        lines.append(f"lr {record['learning_rate']:g}, {method.knob[0].split('.')[-1]} {record['knob_value']}: {value}")
+    return lines
+
+
+def write_report(profile: Profile, selections: list[dict[str, Any]], records: dict[str, dict], out: Path) -> list[Path]:
+    """Writes the markdown report, its figures (beside it, in results/) and the raw data (data/quality.json)."""
+    figures = out.parent / "results"
+    data_path = out.parent / "data" / "quality.json"
+    methods = {method.name: method for method in profile.methods}
+    chosen = {(s["task"], s["method"]): s for s in selections}
+    rows_by_task = {
+        task.name: [summarize(task, methods[m.name], chosen[(task.name, m.name)], records) for m in profile.methods]
+        for task in profile.tasks
+    }
+    study_minutes = sum(row["study_seconds"] for rows in rows_by_task.values() for row in rows) / 60
+    lines = [
+        "# Quality study: what each method buys at a matched budget",
+        "",
+        f"Written by `python -m benchmarks.quality --profile {profile.name}` on {date.today().isoformat()}; every "
+        "number below was measured in that run. Machine: " + machine() + ".",
+        "",
+        f"Each method was tuned on the validation split over an equal-sized grid (the task's learning rates × two "
+        f"values of the method's own knob) with seed {profile.seeds[0]}; the chosen setting ran with seeds "
+        f"{', '.join(str(s) for s in profile.seeds)}, and only those runs were evaluated on the test split "
+        "(through `ranktune eval` on the saved adapter). Means ± sample standard deviations over the seeds. "
+        f"Adaptive methods are matched to LoRA r {BUDGET_R} on all linear layers: L1RA and AdaLoRA end at its total "
+        "rank (L1RA's `params` budget holds its parameter count instead), HeteroLoRA keeps 8/r of an r pool. "
+        "*Adapter parameters* are those of the exported adapter (LoRA and shortcut connections; a classifier head, "
+        "the same for every method, is left out); *held in training* is what the optimizer held (capacity, the "
+        "whole HeteroLoRA pool, AdaLoRA's init_r, the head). A gain over LoRA within two standard errors is reported "
+        "as *no difference shown*.",
+        "",
+        *[f"- {note}" for note in profile.notes],
+        f"- The whole study: {sum(row['runs'] for rows in rows_by_task.values() for row in rows)} training runs, "
+        f"{study_minutes:.0f} minutes of run time.",
+        "",
+    ]
+    written: list[Path] = []
+    for task in profile.tasks:
+        rows = rows_by_task[task.name]
+        plot = plot_quality(task, rows, figures / f"{task.name}-quality.png")
+        written.append(plot)
+        lines += [f"## {task.title}", "", *task_table(task, rows), "", *headline(task, rows), "",
+                  f"![test {task.metric} against adapter parameters](results/{plot.name})", ""]  # fmt: skip
+        heatmaps = []
+        for row in rows:
+            if row["lora_r"] is None:
+                path = plot_heatmap(row["first_seed_dir"], row["label"], figures / f"{task.name}-{row['method']}.png")
+                written.append(path)
+                heatmaps.append(f"![{row['label']}](results/{path.name})")
+        lines += [f"Final ranks (seed {profile.seeds[0]} of the chosen setting; blank: no LoRA there):", "",
+                  " ".join(heatmaps), "", "<details><summary>Tuning runs (validation " + task.metric + ")</summary>",
+                  ""]  # fmt: skip
+        for method in profile.methods:
+            runs = tuning_table(task, method, chosen[(task.name, method.name)], records)
+            lines.append(f"- {method.label}: " + "; ".join(runs))
+        lines += ["", "</details>", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines), encoding="utf-8")
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    used = {key for s in selections for key in s["tuning"] + s["final"]}
+    payload = {
+        "profile": profile.name,
+        "machine": machine(),
+        "selections": selections,
+        "summaries": rows_by_task,
+        "records": [records[key] for key in sorted(used)],
+    }
+    data_path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    return [out, data_path, *written]
