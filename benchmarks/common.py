@@ -7,10 +7,15 @@ running all of them regenerates the whole document.
 
 from __future__ import annotations
 
+import json
 import platform
 import re
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -38,11 +43,29 @@ class StepTimer(TrainerCallback):
         self.times: list[float] = []
         self._start = 0.0
 
-    def on_step_begin(self, *args, **kwargs) -> None:
+    def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
         self._start = time.perf_counter()
 
-    def on_step_end(self, *args, **kwargs) -> None:
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
         self.times.append(time.perf_counter() - self._start)
+
+
+def peak_memory_mib() -> float:
+    """This process's peak memory: CUDA's max allocated on a GPU, else the peak resident set (model included)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+
+
+def run_worker(module: str, *args: str) -> dict[str, Any]:
+    """Runs `python -m MODULE --worker ARGS` in a fresh process (its own peak memory) and returns the JSON object
+    it prints last; exits with the worker's error output if it fails."""
+    done = subprocess.run([sys.executable, "-m", module, "--worker", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"error: the worker `{module} --worker {' '.join(args)}` failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _marker(name: str, edge: str) -> str:

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import StepTimer, machine, update_section
+from benchmarks.common import StepTimer, machine, peak_memory_mib, run_worker, update_section
 
 VARIANTS = (
     "peft-lora-baseline",
@@ -108,11 +106,7 @@ def measure(variant: str, model_name: str, steps: int, out: Path) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     Trainer(model=model, args=args, train_dataset=data, callbacks=[*callbacks, timer]).train()
-    if torch.cuda.is_available():
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    return {"times": timer.times[WARMUP_STEPS:], "peak_mib": peak}
+    return {"times": timer.times[WARMUP_STEPS:], "peak_mib": peak_memory_mib()}
 
 
 def main() -> None:
@@ -155,12 +149,7 @@ def main() -> None:
         for repeat in range(repeats):
             for variant in VARIANTS:
                 print(f"[{model_name}] repetition {repeat + 1}/{repeats}: {variant}", file=sys.stderr, flush=True)
-                command = [sys.executable, "-m", "benchmarks.overhead", "--worker", variant, model_name,
-                           "--steps", str(steps)]  # fmt: skip
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode != 0:
-                    sys.exit(f"error: the {variant} worker on {model_name} failed:\n{done.stderr[-3000:]}")
-                results[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                results[variant].append(run_worker("benchmarks.overhead", variant, model_name, "--steps", str(steps)))
         measured[model_name] = results
         lines += [*model_table(model_name, results, steps, repeats), ""]
         print("\n".join(lines[-len(VARIANTS) - 4 :]), flush=True)

@@ -15,13 +15,14 @@ import argparse
 import contextlib
 import io
 import json
-import os
+import math
+import shutil
 import sys
 import time
-import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -41,15 +42,13 @@ from benchmarks.quality_study import (
 
 def _quiet() -> None:
     """The study prints one line per run; each run's own output goes to its log file."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DATASETS_VERBOSITY", "error")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore")
     import datasets
     import transformers
 
-    transformers.logging.set_verbosity_error()  # already imported, so the variables above came too late for it
+    from ranktune.cli.main import _quiet_libraries
+
+    _quiet_libraries()
+    transformers.logging.set_verbosity_error()  # already imported here, so the variables came too late for it
     datasets.disable_progress_bars()
 
 
@@ -58,7 +57,7 @@ class RunFailed(RuntimeError):
 
 
 @contextlib.contextmanager
-def _logged(path: Path):
+def _logged(path: Path) -> Iterator[None]:
     """Sends stdout and stderr of the block to `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -143,15 +142,24 @@ class RecordStore:
     path: Path
 
     def load(self) -> dict[str, dict[str, Any]]:
+        """{run id: record}; a run written twice (trained, then tested) keeps its last line."""
         if not self.path.is_file():
             return {}
         records = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
         return {record["id"]: record for record in records}
 
     def append(self, record: dict[str, Any]) -> None:
+        """Adds one line, so a study stopped at any point keeps every run it finished."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as out:
             out.write(json.dumps(record) + "\n")
+
+
+def comparable(value: float, task: Task) -> float:
+    """A metric turned so that larger is better; a diverged run (NaN or infinite) is the worst of all."""
+    if not math.isfinite(value):
+        return -math.inf
+    return value if task.higher_is_better else -value
 
 
 class Study:
@@ -177,7 +185,7 @@ class Study:
     def run(self, task: Task, method: Method, point: GridPoint, seed: int, with_test: bool) -> dict[str, Any]:
         """The record of one run: from the cache if it ran before, else trained now (and tested if asked)."""
         config = run_config(task, method, point, seed, "")
-        key = run_id(config, method)
+        key = run_id(config, method, task)
         folder = self.work / task.name / method.name / f"{key}-seed{seed}"
         record = self.records.get(key)
         done = []
@@ -216,8 +224,7 @@ class Study:
         """Tunes the method on validation with the first seed, then runs the chosen point with every seed."""
         first, *others = self.profile.seeds
         tuning = [(point, self.run(task, method, point, first, with_test=False)) for point in grid(task, method)]
-        sign = 1 if task.higher_is_better else -1
-        chosen, _ = max(tuning, key=lambda pair: sign * pair[1]["validation"][task.metric])  # first best on ties
+        chosen, _ = max(tuning, key=lambda pair: comparable(pair[1]["validation"][task.metric], task))
         final = [self.run(task, method, chosen, seed, with_test=True) for seed in (first, *others)]
         return {
             "task": task.name,
@@ -228,15 +235,31 @@ class Study:
         }
 
 
+Named = TypeVar("Named", Task, Method)
+
+
+def _pick(items: Sequence[Named], names: list[str] | None, flag: str) -> tuple[Named, ...]:
+    """The items called `names`, in that order (all of them when no names are given); exits on an unknown name."""
+    if not names:
+        return tuple(items)
+    known = {item.name: item for item in items}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SystemExit(f"error: {flag}: unknown {', '.join(unknown)}; expected some of {', '.join(known)}")
+    return tuple(known[name] for name in names)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--tasks", nargs="+", metavar="NAME", help="only these tasks (default: all of the profile)")
     parser.add_argument("--methods", nargs="+", metavar="NAME", help="only these methods (default: all)")
     parser.add_argument("--work", default="runs/quality", help="where runs and the record cache live")
-    parser.add_argument("--out", default="docs/results.md")
-    parser.add_argument("--fresh", action="store_true", help="ignore cached runs (delete --work first)")
+    parser.add_argument("--out", help="the report (default docs/results.md; required with --tasks or --methods)")
+    parser.add_argument("--fresh", action="store_true", help="delete the cached runs first (after changing ranktune)")
     args = parser.parse_args()
+    if (args.tasks or args.methods) and not args.out:
+        parser.error("--tasks and --methods make a partial study: give it its own --out, not docs/results.md")
     _quiet()
     profile = PROFILES[args.profile]()
     tasks = _pick(profile.tasks, args.tasks, "--tasks")
@@ -244,24 +267,12 @@ def main() -> None:
     profile = Profile(profile.name, tasks, methods, profile.seeds, profile.notes)
     work = Path(args.work) / profile.name
     if args.fresh and work.exists():
-        import shutil
-
         shutil.rmtree(work)
     study = Study(profile, work)
     selections = [study.tune_and_repeat(task, method) for task in profile.tasks for method in profile.methods]
-    written = write_report(profile, selections, study.records, Path(args.out))
+    written = write_report(profile, selections, study.records, Path(args.out or "docs/results.md"))
     for path in written:
         print(f"written: {path}")
-
-
-def _pick(items: tuple, names: list[str] | None, flag: str) -> tuple:
-    if not names:
-        return items
-    known = {item.name: item for item in items}
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        raise SystemExit(f"error: {flag}: unknown {', '.join(unknown)}; expected some of {', '.join(known)}")
-    return tuple(known[name] for name in names)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from typing import Any
 
 from benchmarks.common import machine
 from benchmarks.quality_study import BUDGET_R, Method, Profile, Task
+from ranktune.adapters.layout import read_module_ranks
+from ranktune.reports import plot_rank_heatmap
 
 REFERENCE = f"lora-r{BUDGET_R}"  # what every adaptive method is compared with: LoRA at the budget it is matched to
 
@@ -49,6 +51,7 @@ def summarize(task: Task, method: Method, selection: dict[str, Any], records: di
         "study_seconds": sum(record["wall_seconds"] + record.get("test_seconds", 0.0) for record in every_run),
         "runs": len(every_run),
         "first_seed_dir": final[0]["adapter_dir"],
+        "ranks": rank_spread(final[0]["adapter_dir"]),
     }
 
 
@@ -56,11 +59,12 @@ def compare(row: dict[str, Any], reference: dict[str, Any], higher_is_better: bo
     """The gain over the reference (positive = better) with its standard error, and a plain verdict.
 
     The standard error is sqrt(s1²/n1 + s2²/n2) over the seeds; a gain within two of them is not told from noise.
+    With three seeds a side this is a rough screen, not a significance test.
     """
     (mean, std), (ref_mean, ref_std) = row["test"], reference["test"]
     gain = (mean - ref_mean) if higher_is_better else (ref_mean - mean)
     error = math.sqrt(std**2 / len(row["seeds"]) + ref_std**2 / len(reference["seeds"]))
-    verdict = "no difference shown" if abs(gain) <= 2 * error else ("better" if gain > 0 else "worse")
+    verdict = "within 2 SE" if abs(gain) <= 2 * error else ("ahead by > 2 SE" if gain > 0 else "behind by > 2 SE")
     return {"gain": gain, "error": error, "verdict": verdict}
 
 
@@ -77,34 +81,41 @@ def _chosen(row: dict[str, Any]) -> str:
     return f"lr {chosen['learning_rate']:g}, {chosen['knob'].split('.')[-1]} {chosen['knob_value']}"
 
 
+def rank_spread(adapter_dir: str) -> str:
+    """`37 × r 2–16`: how many LoRA modules an adapter has and the range of their ranks."""
+    ranks = [module.rank for module in read_module_ranks(adapter_dir)]
+    low, high = min(ranks), max(ranks)
+    return f"{len(ranks)} × r {low}" if low == high else f"{len(ranks)} × r {low}–{high}"
+
+
 def task_table(task: Task, rows: list[dict[str, Any]]) -> list[str]:
     """The markdown table of a task: one row per method."""
     reference = next((row for row in rows if row["method"] == REFERENCE), None)
     direction = "higher is better" if task.higher_is_better else "lower is better"
     lines = [
-        f"| method | adapter parameters | held in training | total rank | chosen on validation "
-        f"| test {task.metric} ({direction}) | test {task.second_metric} | vs LoRA r {BUDGET_R} "
-        "| train s / run | tuning + seeds, min |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | adapter parameters | held in training | LoRA modules × ranks (seed 0) | chosen on validation "
+        f"| test {task.metric} ({direction}) | test {task.second_metric} | gain over LoRA r {BUDGET_R} "
+        "(positive = better) | train s / run | run s / run | all runs, min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         versus = "—"
         if reference is not None and row is not reference:
             found = compare(row, reference, task.higher_is_better)
-            versus = f"{found['gain']:+.4f} ± {found['error']:.4f}: {found['verdict']}"
+            versus = f"{found['gain']:+.4f} ± {found['error']:.4f} ({found['verdict']})"
         shortcuts = f" + {row['shortcuts'][0]:.1f} shortcuts" if row["shortcuts"][0] else ""
         lines.append(
             f"| {row['label']} | {_number(row['adapter_parameters'][0])} | {_number(row['trained_parameters'])} "
-            f"| {row['total_rank'][0]:.0f}{shortcuts} | {_chosen(row)} | {_metric(row['test'])} "
-            f"| {_metric(row['second'])} | {versus} | {row['train_seconds'][0]:.0f} | {row['study_seconds'] / 60:.1f} |"
+            f"| {row['ranks']}{shortcuts} | {_chosen(row)} | {_metric(row['test'])} | {_metric(row['second'])} "
+            f"| {versus} | {row['train_seconds'][0]:.0f} | {row['wall_seconds'][0]:.0f} "
+            f"| {row['study_seconds'] / 60:.1f} |"
         )
     return lines
 
 
 def headline(task: Task, rows: list[dict[str, Any]]) -> list[str]:
-    """Plain sentences: the best method on test, and what each adaptive method did against LoRA at its budget."""
-    sign = 1 if task.higher_is_better else -1
-    best = max(rows, key=lambda row: sign * row["test"][0])
+    """Plain sentences: the best method on test, and what each adaptive method did against LoRA r 8."""
+    best = max(rows, key=lambda row: row["test"][0] if task.higher_is_better else -row["test"][0])
     lines = [f"- Best mean test {task.metric}: {best['label']} ({_metric(best['test'])})."]
     reference = next((row for row in rows if row["method"] == REFERENCE), None)
     if reference is None:
@@ -114,20 +125,20 @@ def headline(task: Task, rows: list[dict[str, Any]]) -> list[str]:
             continue
         found = compare(row, reference, task.higher_is_better)
         size = row["adapter_parameters"][0] / reference["adapter_parameters"][0]
-        cost = row["train_seconds"][0] / reference["train_seconds"][0]
+        cost = row["wall_seconds"][0] / reference["wall_seconds"][0]
         lines.append(
-            f"- {row['label']} against LoRA r {BUDGET_R}: {found['gain']:+.4f} ± {found['error']:.4f} "
-            f"{task.metric} ({found['verdict']}), with {size:.2f}x its adapter parameters and {cost:.2f}x its "
-            "training time."
+            f"- {row['label']}, with {size:.2f}x the adapter parameters of LoRA r {BUDGET_R} and {cost:.2f}x its "
+            f"time per run (search included): {task.metric} gain {found['gain']:+.4f} ± {found['error']:.4f}, "
+            f"{found['verdict']}."
         )
     return lines
 
 
 def plot_quality(task: Task, rows: list[dict[str, Any]], path: Path) -> Path:
     """Test metric (mean ± std over seeds) against adapter parameters; plain LoRA's ranks joined by a line."""
-    from ranktune.reports import _pyplot, _save
+    from ranktune.reports import pyplot, save_figure
 
-    figure, axes = _pyplot().subplots(figsize=(7, 4.5))
+    figure, axes = pyplot().subplots(figsize=(7, 4.5))
     lora = sorted((row for row in rows if row["lora_r"] is not None), key=lambda row: row["adapter_parameters"][0])
     if lora:
         axes.plot([row["adapter_parameters"][0] for row in lora], [row["test"][0] for row in lora], color="grey",
@@ -140,16 +151,7 @@ def plot_quality(task: Task, rows: list[dict[str, Any]], path: Path) -> Path:
     axes.set_ylabel(f"test {task.metric}")
     axes.set_title(task.title, fontsize="medium")
     axes.legend(fontsize="x-small", loc="best")
-    return _save(figure, path)
-
-
-def plot_heatmap(adapter_dir: str, label: str, path: Path) -> Path:
-    """The final rank of every LoRA module of one run as a layers × module-type heatmap."""
-    from ranktune.adapters.layout import read_module_ranks
-    from ranktune.reports import plot_module_heatmap
-
-    modules = read_module_ranks(adapter_dir)
-    return plot_module_heatmap({m.module: m.rank for m in modules}, path, f"{label}: final rank", "rank")
+    return save_figure(figure, path)
 
 
 def tuning_table(task: Task, method: Method, selection: dict[str, Any], records: dict[str, dict]) -> list[str]:
@@ -165,6 +167,23 @@ def tuning_table(task: Task, method: Method, selection: dict[str, Any], records:
     return lines
 
 
+def task_method_note(task: Task, profile: Profile) -> str:
+    """How a task was tuned and measured, in one paragraph."""
+    knobs = "× two values of the method's own knob" if task.knobs_tuned else "only (each knob at its first value)"
+    rates = ", ".join(f"{rate:g}" for rate in task.learning_rates)
+    note = (
+        f"Tuning grid: learning rates {rates} {knobs}, with seed {profile.seeds[0]}; the chosen setting then ran "
+        f"with seeds {', '.join(str(s) for s in profile.seeds[1:])} as well, and the seed-{profile.seeds[0]} tuning "
+        "run counts as its first seed (so the first seed is the best of its grid on validation, for every method)."
+    )
+    if not task.higher_is_better:
+        note += (
+            f" Validation {task.metric} is the Trainer's eval_loss (a mean of batch means); test {task.metric} is "
+            "token-weighted (`ranktune eval`)."
+        )
+    return note
+
+
 def write_report(profile: Profile, selections: list[dict[str, Any]], records: dict[str, dict], out: Path) -> list[Path]:
     """Writes the markdown report, its figures (beside it, in results/) and the raw data (data/quality.json)."""
     figures = out.parent / "results"
@@ -177,21 +196,27 @@ def write_report(profile: Profile, selections: list[dict[str, Any]], records: di
     }
     study_minutes = sum(row["study_seconds"] for rows in rows_by_task.values() for row in rows) / 60
     lines = [
-        "# Quality study: what each method buys at a matched budget",
+        f"# Quality study: what each method buys at the budget of LoRA r {BUDGET_R}",
         "",
         f"Written by `python -m benchmarks.quality --profile {profile.name}` on {date.today().isoformat()}; every "
         "number below was measured in that run. Machine: " + machine() + ".",
         "",
-        f"Each method was tuned on the validation split over an equal-sized grid (the task's learning rates × two "
-        f"values of the method's own knob) with seed {profile.seeds[0]}; the chosen setting ran with seeds "
-        f"{', '.join(str(s) for s in profile.seeds)}, and only those runs were evaluated on the test split "
-        "(through `ranktune eval` on the saved adapter). Means ± sample standard deviations over the seeds. "
-        f"Adaptive methods are matched to LoRA r {BUDGET_R} on all linear layers: L1RA and AdaLoRA end at its total "
-        "rank (L1RA's `params` budget holds its parameter count instead), HeteroLoRA keeps 8/r of an r pool. "
-        "*Adapter parameters* are those of the exported adapter (LoRA and shortcut connections; a classifier head, "
-        "the same for every method, is left out); *held in training* is what the optimizer held (capacity, the "
-        "whole HeteroLoRA pool, AdaLoRA's init_r, the head). A gain over LoRA within two standard errors is reported "
-        "as *no difference shown*.",
+        "Every method gets the same tuning budget on a task (an equal-sized grid, chosen on the validation split) "
+        f"and runs its chosen setting with {len(profile.seeds)} seeds; only those runs are evaluated on the test "
+        "split, through `ranktune eval` on the saved adapter. Means ± sample standard deviations over the seeds. "
+        f"Plain LoRA runs at r 4, 8 and 16 on all linear layers; the adaptive methods are matched to LoRA r "
+        f"{BUDGET_R} in total rank (L1RA with `budget: params` in parameters): L1RA and AdaLoRA end at its total "
+        "rank, HeteroLoRA keeps 8/r of an r pool. Matching rank is not matching parameters (an FFN module costs "
+        "more per rank than an attention one), so each table gives the parameters and the plot places every "
+        "method against plain LoRA's parameter curve. HeteroLoRA with shortcut connections spends slots on them "
+        "on top of the LoRA budget (`combined` mode: floor(keep · N_lora) + round(keep · N_shortcuts) slots).",
+        "",
+        "*Adapter parameters*: the exported adapter's LoRA and shortcut parameters (a classifier head, the same for "
+        "every method, is left out). *Held in training*: what the optimizer held (L1RA's capacity, HeteroLoRA's "
+        "dynamic pool, AdaLoRA's init_r, the head). *Gain*: over LoRA r 8, positive = better, ± its standard error; "
+        "*within 2 SE* means no difference is shown (with 3 seeds a side, a rough screen, not a significance test). "
+        "*Train s*: the Trainer's training time; *run s*: the whole run (a static search's saliency pass, data, "
+        "loading, validation and saving included).",
         "",
         *[f"- {note}" for note in profile.notes],
         f"- The whole study: {sum(row['runs'] for rows in rows_by_task.values() for row in rows)} training runs, "
@@ -203,13 +228,14 @@ def write_report(profile: Profile, selections: list[dict[str, Any]], records: di
         rows = rows_by_task[task.name]
         plot = plot_quality(task, rows, figures / f"{task.name}-quality.png")
         written.append(plot)
-        lines += [f"## {task.title}", "", *task_table(task, rows), "", *headline(task, rows), "",
-                  f"![test {task.metric} against adapter parameters](results/{plot.name})", ""]  # fmt: skip
+        lines += [f"## {task.title}", "", task_method_note(task, profile), "", *task_table(task, rows), "",
+                  *headline(task, rows), "", f"![test {task.metric} against adapter parameters](results/{plot.name})",
+                  ""]  # fmt: skip
         heatmaps = []
         for row in rows:
             if row["lora_r"] is None:
-                path = plot_heatmap(row["first_seed_dir"], row["label"], figures / f"{task.name}-{row['method']}.png")
-                written.append(path)
+                path = figures / f"{task.name}-{row['method']}.png"
+                written.append(plot_rank_heatmap(read_module_ranks(row["first_seed_dir"]), path, row["label"]))
                 heatmaps.append(f"![{row['label']}](results/{path.name})")
         lines += [f"Final ranks (seed {profile.seeds[0]} of the chosen setting; blank: no LoRA there):", "",
                   " ".join(heatmaps), "", "<details><summary>Tuning runs (validation " + task.metric + ")</summary>",

@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
 
-from benchmarks.common import StepTimer, machine, update_section
+from benchmarks.common import StepTimer, machine, peak_memory_mib, run_worker, update_section
 
 VARIANTS = ("pad-to-512", "dynamic-padding", "packing")
 LENGTH = 512
@@ -62,7 +61,7 @@ class FixedLengthCollator:
 class CountingCollator:
     """Wraps a collator and records the useful (unpadded) tokens of every batch it builds."""
 
-    def __init__(self, collator) -> None:
+    def __init__(self, collator: Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]) -> None:
         self.collator = collator
         self.useful_tokens: list[int] = []
 
@@ -71,7 +70,7 @@ class CountingCollator:
         return self.collator(features)
 
 
-def prepare_rows(model_path: str, data: str, tokenizer, packing: bool):
+def prepare_rows(model_path: str, data: str, tokenizer: PreTrainedTokenizerBase, packing: bool) -> Dataset:
     """The SFT rows as ranktune builds them: chat format, loss on assistant turns, packed or one example per row."""
     from datasets import DatasetDict
     from transformers import AutoConfig
@@ -115,21 +114,17 @@ def measure(variant: str, model: str, data: str, steps: int, batch: int, out: Pa
                              seed=0, dataloader_pin_memory=False)  # fmt: skip
     timer = StepTimer()
     Trainer(model=peft_model, args=args, train_dataset=rows, data_collator=collator, callbacks=[timer]).train()
-    if torch.cuda.is_available():
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
     epoch_tokens = sum(len(ids) for ids in rows["input_ids"])
     return {
         "times": timer.times[WARMUP_STEPS:],
         "useful_tokens": collator.useful_tokens[WARMUP_STEPS : WARMUP_STEPS + steps],
         "rows": len(rows),
         "epoch_tokens": epoch_tokens,
-        "peak_mib": peak,
+        "peak_mib": peak_memory_mib(),
     }
 
 
-def summarize(result: dict[str, Any], batch: int) -> dict[str, float]:
+def summarize(result: dict[str, Any]) -> dict[str, float]:
     """Useful tokens per second over the timed steps, and the epoch those numbers imply."""
     seconds = sum(result["times"])
     tokens_per_second = sum(result["useful_tokens"]) / seconds
@@ -137,7 +132,6 @@ def summarize(result: dict[str, Any], batch: int) -> dict[str, float]:
         "median_step": statistics.median(result["times"]),
         "useful_per_step": statistics.fmean(result["useful_tokens"]),
         "tokens_per_second": tokens_per_second,
-        "steps_per_epoch": math.ceil(result["rows"] / batch),
         "epoch_seconds": result["epoch_tokens"] / tokens_per_second,
         "peak_mib": result["peak_mib"],
     }
@@ -145,7 +139,7 @@ def summarize(result: dict[str, Any], batch: int) -> dict[str, float]:
 
 def render(results: dict[str, dict[str, Any]], model: str, steps: int, batch: int) -> str:
     """The markdown section: one row per variant, ratios against padding to 512."""
-    summaries = {variant: summarize(results[variant], batch) for variant in VARIANTS}
+    summaries = {variant: summarize(results[variant]) for variant in VARIANTS}
     base = summaries["pad-to-512"]
     lines = [
         "## Throughput: packing against padding to 512 tokens",
@@ -183,6 +177,8 @@ def main() -> None:
     parser.add_argument("--data-out", default="docs/data/throughput.json")
     parser.add_argument("--worker", metavar="VARIANT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps < 1 or args.batch < 1:
+        parser.error("--steps and --batch must be at least 1")
     if args.worker:
         with tempfile.TemporaryDirectory() as folder:
             print(json.dumps(measure(args.worker, args.model, args.data, args.steps, args.batch, Path(folder))))
@@ -190,12 +186,8 @@ def main() -> None:
     results = {}
     for variant in VARIANTS:
         print(f"[throughput] {variant}: {args.steps} steps of {args.batch} rows", file=sys.stderr, flush=True)
-        command = [sys.executable, "-m", "benchmarks.throughput", "--worker", variant, "--model", args.model,
-                   "--data", args.data, "--steps", str(args.steps), "--batch", str(args.batch)]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"error: the {variant} worker failed:\n{done.stderr[-3000:]}")
-        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[variant] = run_worker("benchmarks.throughput", variant, "--model", args.model, "--data", args.data,
+                                      "--steps", str(args.steps), "--batch", str(args.batch))  # fmt: skip
     section = render(results, args.model, args.steps, args.batch)
     print(section)
     Path(args.data_out).parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,8 @@ def module_grid(values: dict[str, float]) -> tuple[list[int], list[str], np.ndar
     return layers, columns, grid
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,12 +50,13 @@ def _pyplot():
     return plt
 
 
-def _save(figure, path: str | Path) -> Path:
+def save_figure(figure, path: str | Path) -> Path:
+    """Writes a figure as a PNG (parent folders created) and closes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    _pyplot().close(figure)
+    pyplot().close(figure)
     return path
 
 
@@ -75,20 +77,20 @@ def rank_evolution(history: list[dict]) -> tuple[list[int], dict[str, list[float
 def plot_rank_evolution(history: list[dict], path: str | Path) -> Path:
     """Writes a PNG of the mean rank per module type over optimizer steps."""
     steps, series = rank_evolution(history)
-    figure, axes = _pyplot().subplots(figsize=(7, 4))
+    figure, axes = pyplot().subplots(figsize=(7, 4))
     for module_type, values in sorted(series.items()):
         axes.step(steps, values, where="post", label=module_type)
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("mean rank")
     axes.set_title("Rank per module type during training")
     axes.legend(fontsize="small", ncol=2)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_module_heatmap(values: dict[str, float], path: str | Path, title: str, label: str) -> Path:
     """Writes a PNG heatmap of `module_grid(values)`."""
     layers, types, grid = module_grid(values)
-    figure, axes = _pyplot().subplots(figsize=(1.2 + 0.9 * max(len(types), 1), 1.2 + 0.35 * max(len(layers), 1)))
+    figure, axes = pyplot().subplots(figsize=(1.2 + 0.9 * max(len(types), 1), 1.2 + 0.35 * max(len(layers), 1)))
     image = axes.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     axes.set_xticks(range(len(types)), types, rotation=45, ha="right")
     axes.set_yticks(range(len(layers)), [str(layer) for layer in layers])
@@ -96,12 +98,12 @@ def plot_module_heatmap(values: dict[str, float], path: str | Path, title: str, 
     axes.set_ylabel("layer")
     axes.set_title(title)
     figure.colorbar(image, ax=axes, label=label)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
-def plot_rank_heatmap(modules: list[ModuleRank], path: str | Path) -> Path:
+def plot_rank_heatmap(modules: list[ModuleRank], path: str | Path, title: str = "LoRA rank per module") -> Path:
     """The final rank of every adapted module as a layers × module-type heatmap."""
-    return plot_module_heatmap({m.module: m.rank for m in modules}, path, "LoRA rank per module", "rank")
+    return plot_module_heatmap({m.module: m.rank for m in modules}, path, title, "rank")
 
 
 def enabled_share(rows: list[dict]) -> dict[str, float]:

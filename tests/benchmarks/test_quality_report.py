@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from benchmarks.quality_report import compare, mean_std
+from benchmarks.quality_report import compare, headline, mean_std, task_table
+from benchmarks.quality_study import Task
 
 
 def test_mean_and_sample_standard_deviation():
@@ -24,11 +25,38 @@ def test_a_gain_within_two_standard_errors_is_not_told_from_noise():
     found = compare(_row(0.80, 0.01), _row(0.78, 0.02), higher_is_better=True)
     assert found["gain"] == pytest.approx(0.02)
     assert found["error"] == pytest.approx(math.sqrt(0.01**2 / 3 + 0.02**2 / 3))  # 0.0129
-    assert found["verdict"] == "no difference shown"  # 0.02 <= 2 x 0.0129
+    assert found["verdict"] == "within 2 SE"  # 0.02 <= 2 x 0.0129
 
 
 def test_lower_is_better_for_a_loss():
     better = compare(_row(1.50, 0.01), _row(1.60, 0.01), higher_is_better=False)
-    assert better["gain"] == pytest.approx(0.10) and better["verdict"] == "better"
+    assert better["gain"] == pytest.approx(0.10) and better["verdict"] == "ahead by > 2 SE"
     worse = compare(_row(1.70, 0.01), _row(1.60, 0.01), higher_is_better=False)
-    assert worse["gain"] == pytest.approx(-0.10) and worse["verdict"] == "worse"
+    assert worse["gain"] == pytest.approx(-0.10) and worse["verdict"] == "behind by > 2 SE"
+
+
+def _summary(method: str, label: str, test: tuple[float, float], parameters: float, seconds: float,
+             lora_r: int | None = None) -> dict:  # fmt: skip
+    return {"method": method, "label": label, "lora_r": lora_r, "test": test, "second": (0.0, 0.0), "seeds": [0, 1, 2],
+            "adapter_parameters": (parameters, 0.0), "trained_parameters": 2 * parameters, "ranks": "37 × r 8",
+            "shortcuts": (0.0, 0.0), "train_seconds": (seconds, 0.0), "wall_seconds": (seconds + 10, 0.0),
+            "study_seconds": 600.0, "chosen": {"learning_rate": 0.001, "knob": "allocation.l1ra_lambda",
+                                               "knob_value": 0.3}}  # fmt: skip
+
+
+def test_a_lower_loss_is_a_positive_gain_in_the_table_and_the_headline():
+    task = Task("lm", "a causal task", {}, {}, {}, (1e-3,), metric="loss", higher_is_better=False,
+                second_metric="perplexity")  # fmt: skip
+    rows = [
+        _summary("lora-r8", "LoRA r 8", (2.00, 0.01), 1000, 20, lora_r=8),
+        _summary("l1ra-ranks", "L1RA", (1.90, 0.01), 1100, 30),
+    ]
+    table = task_table(task, rows)
+    assert table[0].startswith("| method |") and "test loss (lower is better)" in table[0]
+    assert "| +0.1000 ± 0.0082 (ahead by > 2 SE) |" in table[3]  # sqrt(0.01²/3 · 2) = 0.0082
+    lines = headline(task, rows)
+    assert lines[0] == "- Best mean test loss: L1RA (1.9000 ± 0.0100)."
+    assert lines[1] == (
+        "- L1RA, with 1.10x the adapter parameters of LoRA r 8 and 1.33x its time per run (search included): "
+        "loss gain +0.1000 ± 0.0082, ahead by > 2 SE."
+    )  # 40 s against 30 s per run

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -48,6 +49,7 @@ def _tasks(tmp_path: Path, make_model_dir) -> tuple[Task, Task]:
         training=training,
         learning_rates=(1e-2,),
         metric="accuracy",
+        higher_is_better=True,
         second_metric="macro_f1",
         saliency_batches=2,
     )
@@ -65,6 +67,7 @@ def _tasks(tmp_path: Path, make_model_dir) -> tuple[Task, Task]:
         training=training,
         learning_rates=(1e-2,),
         metric="loss",
+        higher_is_better=False,
         second_metric="perplexity",
         saliency_batches=2,
     )
@@ -134,3 +137,22 @@ def test_study_tunes_on_validation_tests_the_chosen_runs_and_reports(tmp_path, m
     monkeypatch.setattr(quality, "train_one", no_training)
     again = quality.Study(profile, tmp_path / "work")
     assert [again.tune_and_repeat(task, method) for task in tasks for method in chosen_methods] == selections
+
+
+@pytest.mark.slow
+def test_every_other_method_runs_end_to_end_and_reports(tmp_path, make_model_dir):
+    classification, _ = _tasks(tmp_path, make_model_dir)
+    task = dataclasses.replace(classification, knobs_tuned=False)
+    others = tuple(m for m in methods(l1ra_lambdas=(0.3, 1.0)) if m.name not in ("lora-r8", "l1ra-ranks",
+                                                                                "hetero-static"))  # fmt: skip
+    assert {m.name for m in others} == {"lora-r4", "lora-r16", "l1ra-params", "adalora", "hetero-dynamic",
+                                        "hetero-shortcuts"}  # fmt: skip
+    profile = Profile("test", (task,), others, seeds=(0,))
+    study = quality.Study(profile, tmp_path / "work")
+    selections = [study.tune_and_repeat(task, method) for method in others]
+    write_report(profile, selections, study.records, tmp_path / "docs" / "results.md")
+    records = [study.records[s["final"][0]] for s in selections]
+    assert all(0.0 <= r["test"]["accuracy"] <= 1.0 and r["adapter_parameters"] > 0 for r in records)
+    by_method = {s["method"]: study.records[s["final"][0]] for s in selections}
+    assert by_method["hetero-shortcuts"]["shortcuts"] >= 1  # the connections it kept are in the adapter
+    assert by_method["lora-r16"]["adapter_parameters"] == 4 * by_method["lora-r4"]["adapter_parameters"]

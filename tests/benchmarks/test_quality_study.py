@@ -3,6 +3,8 @@ HeteroLoRA pools stay at the budget they are compared at."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from benchmarks.quality_study import BUDGET_R, PROFILES, grid, run_config, run_id
@@ -52,7 +54,25 @@ def test_run_id_names_what_defines_a_run_not_where_it_is_written():
     profile = PROFILES["cpu"]()
     task, method = profile.tasks[0], profile.methods[0]
     point = grid(task, method)[0]
-    first = run_id(run_config(task, method, point, 0, "a"), method)
-    assert first == run_id(run_config(task, method, point, 0, "b"), method)
-    assert first != run_id(run_config(task, method, point, 1, "a"), method)
-    assert first != run_id(run_config(task, method, grid(task, method)[1], 0, "a"), method)
+    first = run_id(run_config(task, method, point, 0, "a"), method, task)
+    assert first == run_id(run_config(task, method, point, 0, "b"), method, task)
+    assert first != run_id(run_config(task, method, point, 1, "a"), method, task)
+    assert first != run_id(run_config(task, method, grid(task, method)[1], 0, "a"), method, task)
+
+
+def test_a_static_search_run_is_keyed_by_its_saliency_batches_too():
+    profile = PROFILES["cpu"]()
+    task = profile.tasks[0]
+    static = next(method for method in profile.methods if method.static_search)
+    config = run_config(task, static, grid(task, static)[0], 0, "out")
+    fewer = dataclasses.replace(task, saliency_batches=task.saliency_batches // 2)
+    assert run_id(config, static, task) != run_id(config, static, fewer)
+
+
+def test_adalora_trains_at_the_scale_of_the_others():
+    profile = PROFILES["cpu"]()
+    task = profile.tasks[0]
+    adalora = next(method for method in profile.methods if method.name == "adalora")
+    for point in grid(task, adalora):
+        config = run_config(task, adalora, point, 0, "out")
+        assert config["lora"]["alpha"] / config["allocation"]["init_r"] == 2  # PEFT: alpha / init_r; LoRA r 8: 16 / 8

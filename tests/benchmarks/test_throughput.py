@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 
@@ -27,11 +26,11 @@ def test_fixed_length_padding_keeps_every_row_at_the_length_and_counts_the_real_
 
 def test_summary_divides_useful_tokens_by_time():
     result = {"times": [1.0, 3.0], "useful_tokens": [100, 300], "rows": 9, "epoch_tokens": 5000, "peak_mib": 1.0}
-    summary = summarize(result, batch=4)
+    summary = summarize(result)
     assert summary["tokens_per_second"] == 100.0  # 400 tokens in 4 s
     assert summary["epoch_seconds"] == 50.0  # 5,000 tokens at 100 per second
-    assert summary["steps_per_epoch"] == math.ceil(9 / 4) == 3
     assert summary["median_step"] == 2.0
+    assert summary["useful_per_step"] == 200.0
 
 
 @pytest.mark.slow
