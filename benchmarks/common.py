@@ -28,8 +28,15 @@ run of its script. The quality study (what each method buys in accuracy or loss)
 """
 
 
+def bf16_available() -> bool:
+    """Whether training runs in bf16 here: on GPUs that support it, as ranktune's own default does."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
 def machine() -> str:
-    """OS, CPU, accelerator and torch version, for the record."""
+    """OS, CPU, accelerator and torch version, for the record (a GPU's name means bf16: see `bf16_available`)."""
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import StepTimer, machine, peak_memory_mib, run_worker, update_section
+from benchmarks.common import StepTimer, bf16_available, machine, peak_memory_mib, run_worker, update_section
 
 VARIANTS = (
     "peft-lora-baseline",
@@ -79,6 +79,7 @@ def measure(variant: str, model_name: str, steps: int, out: Path) -> dict:
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps,
                              learning_rate=1e-4, report_to="none", save_strategy="no", logging_steps=10**6,
+                             bf16=bf16_available(),
                              train_sampling_strategy="sequential", disable_tqdm=True,
                              ddp_find_unused_parameters=False)  # fmt: skip
     callbacks: list = []
@@ -152,7 +153,7 @@ def main() -> None:
                 results[variant].append(run_worker("benchmarks.overhead", variant, model_name, "--steps", str(steps)))
         measured[model_name] = results
         lines += [*model_table(model_name, results, steps, repeats), ""]
-        print("\n".join(lines[-len(VARIANTS) - 4 :]), flush=True)
+        print("\n".join(lines[-len(VARIANTS) - 5 :]), flush=True)
     Path(args.data_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.data_out).write_text(json.dumps({"machine": machine(), "results": measured}, indent=1) + "\n")
     section = "\n".join(lines)

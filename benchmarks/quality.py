@@ -4,7 +4,8 @@ Every run goes through ranktune's own `train` (and, for static HeteroLoRA, `rank
 test metrics come from `ranktune eval` on the saved adapter, so what is measured is what a user gets. Each method is
 tuned on validation data over an equal-sized grid with the first seed, the chosen setting runs with the other seeds,
 and only those runs are evaluated on test data. Runs are cached in `--work` (one JSON line each), so an interrupted
-study resumes where it stopped. Writes docs/results.md, its plots and heatmaps, and docs/data/quality.json.
+study resumes where it stopped. Writes docs/results.md, its plots and heatmaps (docs/results/), and the raw records
+(docs/data/results.json).
 
     python -m benchmarks.quality [--profile cpu|gpu] [--tasks NAME ...] [--methods NAME ...] [--work runs/quality]
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import yaml
 
 from benchmarks.quality_report import write_report
@@ -127,12 +129,34 @@ def train_one(task: Task, method: Method, point: GridPoint, seed: int, folder: P
     }
 
 
-def test_metrics(task: Task, adapter_dir: Path) -> dict[str, Any]:
+def evaluate_test(task: Task, adapter_dir: Path) -> dict[str, Any]:
     """`ranktune eval ADAPTER --data TEST --json`: the test metrics of a saved adapter."""
     from ranktune import assets
 
     printed = _cli("eval", str(adapter_dir), "--data", assets.resolve(task.data["test"]), "--json")
     return json.loads(printed.strip().splitlines()[-1])
+
+
+def untrained_baseline(task: Task, method: Method) -> dict[str, Any]:
+    """What the task's test metrics are without fine-tuning: a classifier that always answers the training split's
+    most common label, or the base language model with no adapter (scored like `ranktune eval`)."""
+    from ranktune.config import validate_config
+    from ranktune.data import build_collator
+    from ranktune.evaluation import classification_metrics, evaluate
+    from ranktune.training.run import prepare_run
+
+    config = run_config(task, method, grid(task, method)[0], 0, "unused")
+    run = prepare_run(validate_config(config, source=f"{task.name} baseline"))
+    test = run.datasets["test"]
+    if task.model["task"] == "classification":
+        labels = list(run.datasets["train"]["labels"])
+        majority = max(set(labels), key=labels.count)
+        truth = np.asarray(test["labels"])
+        metrics = classification_metrics(np.full_like(truth, majority), truth, len(run.label_names))
+        return {**metrics, "label": f"always '{run.label_names[majority]}' (no training)"}
+    collator = build_collator(run.tokenizer, "causal_lm")
+    metrics = evaluate(run.model, test, collator, "causal_lm", batch_size=8)
+    return {**metrics, "label": "the base model (no adapter)"}
 
 
 @dataclass
@@ -145,8 +169,23 @@ class RecordStore:
         """{run id: record}; a run written twice (trained, then tested) keeps its last line."""
         if not self.path.is_file():
             return {}
-        records = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return {record["id"]: record for record in records}
+        records = {}
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short when a run was killed while writing it
+                continue
+            records[record["id"]] = record
+        return records
+
+    def forget(self, tasks: set[str], methods: set[str]) -> None:
+        """Drops the records of these tasks' and methods' runs (and baselines of these tasks), keeping the rest."""
+        kept = [
+            json.dumps(record)
+            for record in self.load().values()
+            if record["task"] not in tasks or (record.get("method") not in methods and not record.get("baseline"))
+        ]
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def append(self, record: dict[str, Any]) -> None:
         """Adds one line, so a study stopped at any point keeps every run it finished."""
@@ -204,7 +243,7 @@ class Study:
         if with_test and record["test"] is None:
             started = time.perf_counter()
             with _logged(folder.with_name(folder.name + "-test.log")):
-                record["test"] = test_metrics(task, Path(record["adapter_dir"]))
+                record["test"] = evaluate_test(task, Path(record["adapter_dir"]))
             record["test_seconds"] = time.perf_counter() - started
             self.store.append(record)
             done.append("tested")
@@ -219,6 +258,21 @@ class Study:
                 f"{record['adapter_parameters']:,} adapter parameters ({', '.join(done) or 'cached'})"
             )
         return record
+
+    def baseline(self, task: Task) -> dict[str, Any]:
+        """The task's untrained baseline, from the cache or measured now."""
+        first = self.profile.methods[0]
+        key = "baseline-" + run_id(run_config(task, first, grid(task, first)[0], 0, ""), first, task)
+        record = self.records.get(key)
+        if record is None:
+            with _logged(self.work / task.name / "baseline.log"):
+                test = untrained_baseline(task, first)
+            record = {"id": key, "task": task.name, "baseline": True, "test": test}
+            self.store.append(record)
+            self.records[key] = record
+        shown = f"{record['test'][task.metric]:.4f}"
+        self._progress(f"{task.name} / baseline, {record['test']['label']}: test {task.metric} {shown}")
+        return record["test"]
 
     def tune_and_repeat(self, task: Task, method: Method) -> dict[str, Any]:
         """Tunes the method on validation with the first seed, then runs the chosen point with every seed."""
@@ -266,11 +320,14 @@ def main() -> None:
     methods = _pick(profile.methods, args.methods, "--methods")
     profile = Profile(profile.name, tasks, methods, profile.seeds, profile.notes)
     work = Path(args.work) / profile.name
-    if args.fresh and work.exists():
+    if args.fresh and (args.tasks or args.methods):
+        RecordStore(work / "records.jsonl").forget({t.name for t in tasks}, {m.name for m in methods})
+    elif args.fresh and work.exists():
         shutil.rmtree(work)
     study = Study(profile, work)
     selections = [study.tune_and_repeat(task, method) for task in profile.tasks for method in profile.methods]
-    written = write_report(profile, selections, study.records, Path(args.out or "docs/results.md"))
+    baselines = {task.name: study.baseline(task) for task in profile.tasks}
+    written = write_report(profile, selections, study.records, baselines, Path(args.out or "docs/results.md"))
     for path in written:
         print(f"written: {path}")
 

@@ -9,6 +9,8 @@ batches of the same number of rows, trained with the same LoRA on the same model
 - `packing`: several examples per 512-token row, kept apart by position ids (ranktune's `data.packing: true`).
 Useful tokens are the examples' own tokens (no padding). Each variant runs in its own process; the epoch time is
 the epoch's useful tokens divided by the measured useful tokens per second (a CPU cannot afford a padded epoch).
+Length-grouped batches come in groups of 50 (sorted by length inside a random group), so dynamic padding is timed
+over one whole group, a fair sample of the data, rather than over its first, longest batches.
 Writes the `throughput` section of docs/benchmarks.md and docs/data/throughput.json.
 
     python -m benchmarks.throughput [--model asset:smollm2-135m] [--data FILE] [--steps N] [--batch N]
@@ -29,11 +31,12 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from benchmarks.common import StepTimer, machine, peak_memory_mib, run_worker, update_section
+from benchmarks.common import StepTimer, bf16_available, machine, peak_memory_mib, run_worker, update_section
 
 VARIANTS = ("pad-to-512", "dynamic-padding", "packing")
 LENGTH = 512
 WARMUP_STEPS = 1
+LENGTH_GROUP = 50  # batches per group of transformers' length-grouped sampler (its megabatch)
 
 
 class FixedLengthCollator:
@@ -108,8 +111,11 @@ def measure(variant: str, model: str, data: str, steps: int, batch: int, out: Pa
     peft_model = get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, r=16, lora_alpha=32, lora_dropout=0.05,
                                              target_modules="all-linear"))  # fmt: skip
     sampling = "group_by_length" if variant == "dynamic-padding" else "random"
+    if variant == "dynamic-padding":
+        steps = LENGTH_GROUP
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps + WARMUP_STEPS,
                              learning_rate=2e-4, report_to="none", save_strategy="no", logging_steps=10**6,
+                             bf16=bf16_available(),
                              disable_tqdm=True, remove_unused_columns=False, train_sampling_strategy=sampling,
                              seed=0, dataloader_pin_memory=False)  # fmt: skip
     timer = StepTimer()
@@ -144,16 +150,18 @@ def render(results: dict[str, dict[str, Any]], model: str, steps: int, batch: in
     lines = [
         "## Throughput: packing against padding to 512 tokens",
         "",
-        "Written by `python -m benchmarks.throughput`. The chat-formatted Q&A pairs (the SFT data of "
-        f"examples/sft_smollm2_chat.yaml, {results['pad-to-512']['rows']:,} examples) on {model} with LoRA r 16 "
-        f"on all linear layers, {batch} rows per step, {steps} timed steps per variant after {WARMUP_STEPS} warm-up "
-        "step, each variant in its own process. *Useful tokens* are the examples' own tokens, never padding. The "
-        "epoch time is the epoch's useful tokens divided by the measured useful tokens per second.",
+        "Written by `python -m benchmarks.throughput`. The training split of the Q&A pairs as chat messages (as "
+        f"examples/sft_smollm2_chat.yaml trains on them; {results['pad-to-512']['rows']:,} examples) on {model} "
+        f"with LoRA r 16 on all linear layers, {batch} rows per step, each variant in its own process, "
+        f"{WARMUP_STEPS} warm-up step then {steps} timed steps ({LENGTH_GROUP} for dynamic padding: one whole "
+        "length-sorted group of batches, so short and long batches are both timed). *Useful tokens* are the "
+        "examples' own tokens, never padding. The epoch time is the epoch's useful tokens divided by the measured "
+        "useful tokens per second.",
         "",
         f"Machine: {machine()}.",
         "",
-        "| variant | rows per epoch | median step (s) | useful tokens per step | useful tokens / s | ratio "
-        "| epoch (min) | ratio | peak memory (MiB) |",
+        "| variant | rows per epoch | median step (s) | useful tokens per step | useful tokens / s | speed-up "
+        "| epoch (min) | epoch ratio | peak memory (MiB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for variant in VARIANTS:
@@ -185,7 +193,8 @@ def main() -> None:
         return
     results = {}
     for variant in VARIANTS:
-        print(f"[throughput] {variant}: {args.steps} steps of {args.batch} rows", file=sys.stderr, flush=True)
+        steps = LENGTH_GROUP if variant == "dynamic-padding" else args.steps
+        print(f"[throughput] {variant}: {steps} timed steps of {args.batch} rows", file=sys.stderr, flush=True)
         results[variant] = run_worker("benchmarks.throughput", variant, "--model", args.model, "--data", args.data,
                                       "--steps", str(args.steps), "--batch", str(args.batch))  # fmt: skip
     section = render(results, args.model, args.steps, args.batch)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import AutoPeftModelForSequenceClassification
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from benchmarks import quality
@@ -97,7 +98,10 @@ def test_study_tunes_on_validation_tests_the_chosen_runs_and_reports(tmp_path, m
     study = quality.Study(profile, tmp_path / "work")
     selections = [study.tune_and_repeat(task, method) for task in tasks for method in chosen_methods]
     out = tmp_path / "docs" / "results.md"
-    written = write_report(profile, selections, study.records, out)
+    baselines = {task.name: study.baseline(task) for task in tasks}
+    assert baselines["cls"]["accuracy"] == 0.5  # train is half pos, half neg; so is test, whichever label is chosen
+    assert baselines["lm"]["loss"] > 0 and baselines["lm"]["tokens"] > 0
+    written = write_report(profile, selections, study.records, baselines, out)
 
     figures = {f"{task.name}-quality.png" for task in tasks}
     figures |= {f"{task.name}-{name}.png" for task in tasks for name in ("l1ra-ranks", "hetero-static")}
@@ -128,7 +132,7 @@ def test_study_tunes_on_validation_tests_the_chosen_runs_and_reports(tmp_path, m
             rows = [json.loads(line) for line in Path(task.data["test"]).read_text().splitlines()]
             for record in final:
                 assert record["test"]["accuracy"] == pytest.approx(_vanilla_peft_accuracy(record["adapter_dir"], rows))
-    saved = json.loads((out.parent / "data" / "quality.json").read_text())
+    saved = json.loads((out.parent / "data" / "results.json").read_text())
     assert len(saved["records"]) == len({key for s in selections for key in s["tuning"] + s["final"]}) == 18
 
     def no_training(*args, **kwargs):
@@ -150,9 +154,13 @@ def test_every_other_method_runs_end_to_end_and_reports(tmp_path, make_model_dir
     profile = Profile("test", (task,), others, seeds=(0,))
     study = quality.Study(profile, tmp_path / "work")
     selections = [study.tune_and_repeat(task, method) for method in others]
-    write_report(profile, selections, study.records, tmp_path / "docs" / "results.md")
+    baselines = {task.name: study.baseline(task)}
+    write_report(profile, selections, study.records, baselines, tmp_path / "docs" / "results.md")
     records = [study.records[s["final"][0]] for s in selections]
     assert all(0.0 <= r["test"]["accuracy"] <= 1.0 and r["adapter_parameters"] > 0 for r in records)
+    for record in records:  # every method trained its adapter away from the zero-initialised B
+        tensors = load_file(str(Path(record["adapter_dir"]) / "adapter_model.safetensors"))
+        assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k), record["method"]
     by_method = {s["method"]: study.records[s["final"][0]] for s in selections}
     assert by_method["hetero-shortcuts"]["shortcuts"] >= 1  # the connections it kept are in the adapter
     assert by_method["lora-r16"]["adapter_parameters"] == 4 * by_method["lora-r4"]["adapter_parameters"]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from benchmarks.throughput import VARIANTS, FixedLengthCollator, summarize
+from benchmarks.throughput import LENGTH_GROUP, VARIANTS, CountingCollator, FixedLengthCollator, summarize
 from tests.cli.helpers import REPO
 
 
@@ -22,6 +22,12 @@ def test_fixed_length_padding_keeps_every_row_at_the_length_and_counts_the_real_
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, -100, -100], [1, 2, 3, 4, 5, 6]]
     assert batch["attention_mask"].sum(dim=1).tolist() == [3, 6]
     assert collator.useful_tokens == [9]
+
+
+def test_counting_collator_counts_unpadded_tokens_and_passes_the_batch_through():
+    collator = CountingCollator(lambda rows: {"rows": len(rows)})
+    assert collator([{"input_ids": [1, 2]}, {"input_ids": [3, 4, 5, 6, 7]}]) == {"rows": 2}
+    assert collator.useful_tokens == [7]
 
 
 def test_summary_divides_useful_tokens_by_time():
@@ -53,7 +59,9 @@ def test_three_layouts_on_a_tiny_model_write_their_section(make_model_dir, tmp_p
     assert results["packing"]["rows"] < len(chats)  # several short chats share a 512-token row
     # The same tokens whatever the layout: packing neither drops nor pads.
     assert len({result["epoch_tokens"] for result in results.values()}) == 1
-    assert all(len(result["times"]) == len(result["useful_tokens"]) == 2 for result in results.values())
+    steps = {variant: len(result["times"]) for variant, result in results.items()}
+    assert steps == {"pad-to-512": 2, "dynamic-padding": LENGTH_GROUP, "packing": 2}
+    assert all(len(result["useful_tokens"]) == steps[variant] for variant, result in results.items())
     text = doc.read_text()
     assert "## Throughput: packing against padding to 512 tokens" in text
     assert all(f"| {variant} |" in text for variant in VARIANTS)
