@@ -107,7 +107,7 @@ def test_study_tunes_on_validation_tests_the_chosen_runs_and_reports(tmp_path, m
     figures |= {f"{task.name}-{name}.png" for task in tasks for name in ("l1ra-ranks", "hetero-static")}
     assert {path.relative_to(out.parent).as_posix() for path in written} == {
         "results.md",
-        "data/quality.json",
+        "data/results.json",
         *(f"results/{name}" for name in figures),
     }
     assert {p.name for p in (out.parent / "results").iterdir()} == figures
