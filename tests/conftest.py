@@ -97,11 +97,16 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return build_tokenizer()
 
 
-def save_tiny_model(folder: Path, family: str = "llama", task: str = "causal_lm", num_labels: int = 2) -> Path:
-    """Saves a seeded tiny model of the family (plus tokenizer) into `folder` and returns it."""
+def save_tiny_model(
+    folder: Path, family: str = "llama", task: str = "causal_lm", num_labels: int = 2, **sizes: int
+) -> Path:
+    """Saves a seeded tiny model of the family (plus tokenizer) into `folder` and returns it; `sizes` override config
+    fields such as hidden_size."""
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
     config = build_config(family, len(tokenizer), tokenizer)
+    for name, value in sizes.items():
+        setattr(config, name, value)
     if task == "classification":
         config.num_labels = num_labels
         model = AutoModelForSequenceClassification.from_config(config)

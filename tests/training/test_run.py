@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from ranktune.config import validate_config
 from ranktune.training import train
+from tests.conftest import save_tiny_model
 
 TEXT = "To be, or not to be, that is the question: whether tis nobler in the mind to suffer. " * 6
 
@@ -30,9 +31,12 @@ def text_config(model_dir: Path, tmp_path: Path, **training) -> dict:
     }
 
 
-def test_quantized_4bit_base_trains_and_saves(make_model_dir, tmp_path):
+def test_quantized_4bit_base_trains_and_saves(tmp_path):
     pytest.importorskip("bitsandbytes")
-    config = text_config(make_model_dir("llama"), tmp_path, max_steps=3)
+    # bitsandbytes 0.50's evaluation path on CPUs with AVX512-BF16 repacks 4-bit weights in blocks: it needs
+    # in_features of at least one quantization block (64) and out_features a multiple of 32; real models have both.
+    model_dir = save_tiny_model(tmp_path / "tiny-llama-64", "llama", hidden_size=64, intermediate_size=128, head_dim=16)
+    config = text_config(model_dir, tmp_path, max_steps=3)
     config["model"]["quantization"] = "4bit"
     result = train(validate_config(config))
     tensors = load_file(str(result.output_dir / "adapter_model.safetensors"))
