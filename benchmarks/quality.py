@@ -111,7 +111,7 @@ def train_one(task: Task, method: Method, point: GridPoint, seed: int, folder: P
     from ranktune.config import validate_config
 
     config = run_config(task, method, point, seed, str(folder))
-    del config["data"]["test"]  # read only by `test_metrics`, for the chosen settings; `train` would score it twice
+    del config["data"]["test"]  # read only by `evaluate_test`, for the chosen settings; `train` would score it twice
     started = time.perf_counter()
     if method.static_search:
         search = folder.with_name(f"{folder.name}-search")
