@@ -35,6 +35,7 @@ from benchmarks.quality_study import (
     Method,
     Profile,
     Task,
+    baseline_id,
     grid,
     keep_fraction,
     run_config,
@@ -137,7 +138,7 @@ def evaluate_test(task: Task, adapter_dir: Path) -> dict[str, Any]:
     return json.loads(printed.strip().splitlines()[-1])
 
 
-def untrained_baseline(task: Task, method: Method) -> dict[str, Any]:
+def untrained_baseline(task: Task) -> dict[str, Any]:
     """What the task's test metrics are without fine-tuning: a classifier that always answers the training split's
     most common label, or the base language model with no adapter (scored like `ranktune eval`)."""
     from ranktune.config import validate_config
@@ -145,7 +146,7 @@ def untrained_baseline(task: Task, method: Method) -> dict[str, Any]:
     from ranktune.evaluation import classification_metrics, evaluate
     from ranktune.training.run import prepare_run
 
-    config = run_config(task, method, grid(task, method)[0], 0, "unused")
+    config = {"model": task.model, "data": task.data, "output_dir": "unused"}
     run = prepare_run(validate_config(config, source=f"{task.name} baseline"))
     test = run.datasets["test"]
     if task.model["task"] == "classification":
@@ -261,12 +262,11 @@ class Study:
 
     def baseline(self, task: Task) -> dict[str, Any]:
         """The task's untrained baseline, from the cache or measured now."""
-        first = self.profile.methods[0]
-        key = "baseline-" + run_id(run_config(task, first, grid(task, first)[0], 0, ""), first, task)
+        key = baseline_id(task)
         record = self.records.get(key)
         if record is None:
             with _logged(self.work / task.name / "baseline.log"):
-                test = untrained_baseline(task, first)
+                test = untrained_baseline(task)
             record = {"id": key, "task": task.name, "baseline": True, "test": test}
             self.store.append(record)
             self.records[key] = record

@@ -142,14 +142,12 @@ def headline(task: Task, rows: list[dict[str, Any]], baseline: dict[str, Any]) -
     reference = next((row for row in rows if row["method"] == REFERENCE), None)
     if reference is None:
         return lines
-    adaptive = [row for row in rows if row["lora_r"] is None]
-    ahead = [row["label"] for row in adaptive if compare(row, reference, task.higher_is_better)["gain"] > 0
-             and compare(row, reference, task.higher_is_better)["verdict"].startswith("ahead")]  # fmt: skip
+    adaptive = [(row, compare(row, reference, task.higher_is_better)) for row in rows if row["lora_r"] is None]
+    ahead = [row["label"] for row, found in adaptive if found["verdict"].startswith("ahead")]
     lines.append(
         f"- Ahead of LoRA r {BUDGET_R} by more than 2 SE: {', '.join(ahead) if ahead else 'no adaptive method'}."
     )
-    for row in adaptive:
-        found = compare(row, reference, task.higher_is_better)
+    for row, found in adaptive:
         size = row["adapter_parameters"][0] / reference["adapter_parameters"][0]
         cost = row["wall_seconds"][0] / reference["wall_seconds"][0]
         line = (

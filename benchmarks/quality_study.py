@@ -150,21 +150,23 @@ def run_id(config: dict[str, Any], method: Method, task: Task) -> str:
     """
     defining = {key: value for key, value in config.items() if key != "output_dir"}
     defining["static_search"] = [method.static_search, task.saliency_batches] if method.static_search else None
-    digest = hashlib.sha1(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()
-    return digest[:12]
+    return _digest(defining)
+
+
+def baseline_id(task: Task) -> str:
+    """The cache key of a task's untrained baseline: its model and data, nothing a method sets."""
+    return "baseline-" + _digest({"model": task.model, "data": task.data})
+
+
+def _digest(mapping: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(mapping, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 # --- methods ----------------------------------------------------------------------------------------------------
 
 
-def _lora(r: int, alpha: float | None = None, **extra: Any) -> dict[str, Any]:
-    return {
-        "r": r,
-        "alpha": alpha if alpha is not None else 2 * r,
-        "dropout": 0.05,
-        "target_modules": "all-linear",
-        **extra,
-    }
+def _lora(r: int) -> dict[str, Any]:
+    return {"r": r, "alpha": 2 * r, "dropout": 0.05, "target_modules": "all-linear"}
 
 
 def methods(l1ra_lambdas: tuple[float, float]) -> tuple[Method, ...]:
@@ -172,9 +174,9 @@ def methods(l1ra_lambdas: tuple[float, float]) -> tuple[Method, ...]:
 
     Knobs: LoRA's alpha (alpha = r and alpha = 2r, the two conventions users type); L1RA's lambda (its
     regularisation strength, `l1ra_lambdas`: a shorter run needs a stronger one for ranks to move; eta_c 0.05 as in
-    the demo); AdaLoRA's
-    init_r (how much it starts with and prunes away to target_r 8); HeteroLoRA's pool (r 32 keeping a quarter, or
-    r 16 keeping a half: the same budget either way); for HeteroLoRA with shortcut connections, their alpha.
+    the demo); AdaLoRA's init_r (how much it starts with and prunes away to target_r 8); HeteroLoRA's pool (r 32
+    keeping a quarter, or r 16 keeping a half: the same budget either way); for HeteroLoRA with shortcut
+    connections, their alpha.
     """
     methods_: list[Method] = [
         Method(

@@ -101,9 +101,9 @@ def plot_module_heatmap(values: dict[str, float], path: str | Path, title: str, 
     return save_figure(figure, path)
 
 
-def plot_rank_heatmap(modules: list[ModuleRank], path: str | Path, title: str = "LoRA rank per module") -> Path:
+def plot_rank_heatmap(modules: list[ModuleRank], path: str | Path) -> Path:
     """The final rank of every adapted module as a layers × module-type heatmap."""
-    return plot_module_heatmap({m.module: m.rank for m in modules}, path, title, "rank")
+    return plot_module_heatmap({m.module: m.rank for m in modules}, path, "LoRA rank per module", "rank")
 
 
 def enabled_share(rows: list[dict]) -> dict[str, float]:
