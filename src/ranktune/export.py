@@ -5,8 +5,10 @@ the canonical heterogeneous form: each strategy folds its gates and scaling into
 components, rank-0 modules are left out, and `r = lora_alpha = max rank` with
 `rank_pattern = alpha_pattern = {module: rank}`, so every scaling is exactly 1.0 and any PEFT-reading tool loads it.
 
-PEFT recognises an adapter folder by its adapter_config.json, so that file is moved in last, after the weights and
-the tokenizer; a crash before then leaves no adapter_config.json and nothing that looks finished.
+PEFT recognises an adapter folder by its adapter_config.json. The whole adapter is staged in a hidden folder first;
+only then is an earlier adapter's config removed and the new files moved in, the config last. A failure while
+staging leaves the earlier adapter untouched, and a crash while moving leaves no adapter_config.json and nothing
+that looks finished.
 
 Shortcut connections, which PEFT cannot express, go beside the adapter (shortcuts.safetensors + shortcuts.json,
 `adapters/shortcut_files.py`), staged with it.
@@ -34,6 +36,8 @@ from ranktune.adapters.shortcut_files import write_shortcuts
 from ranktune.adapters.shortcuts import ShortcutSet
 from ranktune.allocation.strategy import FoldedFactors
 from ranktune.errors import RuntimeFailure
+
+STAGING_PREFIX = ".adapter-"  # the hidden folder an adapter is staged in; a save killed half-way leaves it behind
 
 
 def canonical_adapter(model: PeftModel, factors: FoldedFactors) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -111,9 +115,7 @@ def write_adapter(
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (ADAPTER_CONFIG, SHORTCUTS_CONFIG, SHORTCUTS_WEIGHTS):
-        (output_dir / stale).unlink(missing_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=output_dir))
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output_dir))
     try:
         if factors is not None:
             _save_canonical(model, factors, staging)
@@ -125,6 +127,8 @@ def write_adapter(
             tokenizer.save_pretrained(staging)
         for name, payload in (sidecars(staging) if sidecars else {}).items():
             (staging / name).write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+        for stale in (ADAPTER_CONFIG, SHORTCUTS_CONFIG, SHORTCUTS_WEIGHTS):  # an earlier adapter, replaced now
+            (output_dir / stale).unlink(missing_ok=True)
         files = sorted(staging.iterdir(), key=lambda p: p.name == ADAPTER_CONFIG)
         for path in files:
             os.replace(path, output_dir / path.name)

@@ -6,6 +6,7 @@ Bad input exits with 2 and one message; a runtime failure with 1; a traceback on
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -35,6 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Logged by bitsandbytes when it is imported (PEFT imports it at start-up) on CPUs with AVX512-BF16 and without the
+# optional `kernels` package: it falls back to its own kernel, and the user has nothing to act on.
+_BITSANDBYTES_CPU_KERNEL = ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward")
+
+
+def _drop_bitsandbytes_kernel_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_BITSANDBYTES_CPU_KERNEL[1])
+
+
 def _quiet_libraries() -> None:
     """Keeps the console to our own lines and the progress bars; set before transformers is imported."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -42,6 +52,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore")
+    logging.getLogger(_BITSANDBYTES_CPU_KERNEL[0]).addFilter(_drop_bitsandbytes_kernel_notice)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

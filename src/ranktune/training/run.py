@@ -23,7 +23,15 @@ from ranktune.models import load_base_model, load_tokenizer, resolve_model_path
 from ranktune.training.allocation import attach_adapter
 from ranktune.training.arguments import build_training_arguments
 from ranktune.training.callbacks import MetricsLogger, ShortcutCheckpoints, StopOnSignal
-from ranktune.training.outputs import METRICS_LOG, prepare_output_dir, run_info, save_resolved_config
+from ranktune.training.output_lock import LOCK_FILE, output_dir_lock
+from ranktune.training.outputs import (
+    METRICS_LOG,
+    EarlierRun,
+    check_output_dir,
+    prepare_output_dir,
+    run_info,
+    save_resolved_config,
+)
 
 
 class TrainingInterrupted(RanktuneError):
@@ -116,18 +124,39 @@ def prepare_run(config: RunConfig) -> PreparedRun:
 def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Runs one training job end to end and writes the adapter and reports into `config.output_dir`.
 
+    The run holds output_dir's lock throughout. An earlier run's results stay in place until this one has written
+    its adapter; if this run fails, they are put back (see `outputs.EarlierRun`).
+
     Raises:
-        UserInputError: bad config, data or paths.
+        UserInputError: bad config, data or paths, or another run is using output_dir.
         TrainingInterrupted: a signal stopped training; a checkpoint was saved.
     """
-    output_dir = prepare_output_dir(config.output_dir, resume, overwrite, main_process=_launched_as_main())
+    main_process = _launched_as_main()
+    output_dir = check_output_dir(config.output_dir)
+    written_by_ranktune = (output_dir / LOCK_FILE).exists()
+    with output_dir_lock(output_dir, enabled=main_process):
+        if main_process:
+            prepare_output_dir(output_dir, resume, overwrite, written_by_ranktune)
+        earlier = EarlierRun(output_dir, resume, main_process)
+        try:
+            result = _train_in(config, output_dir, resume, earlier)
+        except TrainingInterrupted:
+            raise  # resumable: its checkpoints and the earlier run's logs both stay
+        except BaseException:
+            if not earlier.restore():
+                _log(f"this run's checkpoints in {output_dir} are kept: continue it with --resume")
+            raise
+        earlier.discard()
+        return result
+
+
+def _train_in(config: RunConfig, output_dir: Path, resume: bool, earlier: EarlierRun) -> TrainResult:
+    """`train` inside a checked, locked output_dir."""
     checkpoint = None
     if resume:
         checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
         if checkpoint is None:
             raise UserInputError(f"--resume: no checkpoint-N folder in '{output_dir}' to resume from")
-    if _launched_as_main():
-        save_resolved_config(config, output_dir)
     task = config.model.task
     if config.lora.plan:
         read_plan(config.lora.plan)  # a bad plan fails before the data and the model are loaded
@@ -186,6 +215,9 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
         allocation.callback.resume_from = checkpoint
     if shortcut_checkpoints and checkpoint:
         shortcut_checkpoints.resume_from = checkpoint
+    earlier.set_aside()
+    if main_process:
+        save_resolved_config(config, output_dir)
     try:
         train_output = trainer.train(resume_from_checkpoint=checkpoint)
     finally:
