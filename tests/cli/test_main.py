@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.cli.helpers import run_cli
+
 # Imports PEFT (which imports bitsandbytes) as every command that loads a model does, on a CPU whose AVX512-BF16
 # check answers yes: bitsandbytes then tries the optional `kernels` package and logs a notice when it is missing.
 IMPORT_ON_AVX512_BF16 = """
@@ -39,3 +41,8 @@ def test_bitsandbytes_kernel_notice_is_silenced_at_its_source():
     assert all(run.returncode == 0 for run in runs.values()), runs
     assert "Failed to load CPU gemm_4bit_forward" in runs["debug"].stderr  # the notice does appear without us
     assert runs["quiet"].stderr == ""
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_cli("--debug", "train", str(tmp_path / "absent.yaml"))
+    assert result.returncode != 0 and "Traceback" in result.stderr
