@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,6 +108,14 @@ def test_transformers_4_names_are_renamed(tmp_path):
     assert load_config(write(tmp_path, text)).training["warmup_steps"] == 0.1
 
 
+def test_a_transformers_4_name_next_to_its_new_name_is_refused(tmp_path):
+    path = write(tmp_path, ISSUE_EXAMPLE.replace("learning_rate: 5.0e-4", "warmup_ratio: 0.1"))
+    message = error_of(path, ["training.warmup_steps=10"])
+    assert message.endswith(
+        "'training.warmup_ratio': the transformers 4 name of training.warmup_steps, set too; keep one"
+    )
+
+
 def test_unknown_key_names_key_and_closest(tmp_path):
     message = error_of(write(tmp_path, ISSUE_EXAMPLE.replace("  r: 8", "  rr: 8")))
     assert "unknown key 'lora.rr'" in message and "Did you mean 'r'?" in message
@@ -118,7 +128,7 @@ def test_unknown_section_names_closest(tmp_path):
 
 def test_unknown_training_key_names_closest_field(tmp_path):
     message = error_of(write(tmp_path, ISSUE_EXAMPLE.replace("learning_rate:", "learning_rat:")))
-    assert "'learning_rat'" in message and "Did you mean 'learning_rate'?" in message
+    assert "unknown key 'training.learning_rat'" in message and "Did you mean 'learning_rate'?" in message
 
 
 def test_wrong_type_names_key_and_expectation(tmp_path):
@@ -128,7 +138,7 @@ def test_wrong_type_names_key_and_expectation(tmp_path):
 
 def test_wrong_training_type_names_key(tmp_path):
     message = error_of(write(tmp_path, ISSUE_EXAMPLE.replace("num_train_epochs: 1", "num_train_epochs: two")))
-    assert "'num_train_epochs' expects float" in message
+    assert "'training.num_train_epochs' expects float, got str 'two'" in message
 
 
 @pytest.mark.parametrize("rank", ["0", "-4"])
@@ -149,6 +159,108 @@ def test_missing_required_key(tmp_path):
 
 def test_missing_config_file(tmp_path):
     assert "config file not found" in error_of(tmp_path / "nope.yaml")
+
+
+def test_a_directory_is_not_a_config_file(tmp_path):
+    assert error_of(tmp_path).endswith(f"{tmp_path} is a directory; expected a config file (.yaml, .toml or .json)")
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        (
+            "run.yaml",
+            "model: {name_or_path: m}\ndata: {train: t}\nlora:\n  r: 4\n  alpha: 8\n  r: 16\n",
+            "malformed YAML in {path} at line 6, column 3: duplicate key 'r' (first at line 4); give each key once",
+        ),
+        (
+            "run.json",
+            '{"model": {"name_or_path": "m"}, "data": {"train": "t"}, "lora": {"r": 4, "r": 16}}',
+            "malformed JSON in {path}: duplicate key 'r' in one object; give each key once",
+        ),
+        ("run.toml", '[model]\nname_or_path = "m"\nname_or_path = "n"\n', "malformed TOML in {path}"),
+    ],
+    ids=["yaml", "json", "toml"],
+)
+def test_a_key_given_twice_is_refused(tmp_path, name, text, expected):
+    path = write(tmp_path, text, name)
+    assert expected.format(path=path) in error_of(path)
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    text = (
+        "model: {name_or_path: m}\ndata: {train: t}\n"
+        "lora:\n  modules:\n    q_proj: &q {r: 4, alpha: 8}\n    v_proj:\n      <<: *q\n      r: 16\n"
+    )
+    modules = load_config(write(tmp_path, text)).lora.modules
+    assert (modules["q_proj"].r, modules["v_proj"].r, modules["v_proj"].alpha) == (4, 16, 8.0)
+
+
+def test_a_key_given_twice_in_an_override_is_refused(tmp_path):
+    message = error_of(write(tmp_path, ISSUE_EXAMPLE), ["lora.rank_pattern={query: 4, query: 8}"])
+    assert message == "override 'lora.rank_pattern={query: 4, query: 8}': duplicate key 'query'; give each key once"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("training.learning_rate=-1", "'training.learning_rate': must be >= 0 (got -1)"),
+        ("training.learning_rate=-1e-4", "'training.learning_rate': must be >= 0 (got -1e-4)"),
+        (
+            "training.per_device_train_batch_size=0",
+            "'training.per_device_train_batch_size': must be at least 1 (got 0)",
+        ),
+        ("training.per_device_eval_batch_size=-8", "'training.per_device_eval_batch_size': must be at least 1"),
+        ("training.gradient_accumulation_steps=0", "'training.gradient_accumulation_steps': must be at least 1"),
+        ("training.max_steps=0", "'training.max_steps': must be a number of steps > 0, or -1 to train for"),
+        ("training.max_steps=-5", "'training.max_steps': must be a number of steps > 0, or -1"),
+        ("training.num_train_epochs=0", "'training.num_train_epochs': must be > 0 (0 would save an untrained adapter"),
+        ("training.num_train_epochs=-1", "'training.num_train_epochs': must be > 0"),
+        ("training.logging_steps=0", "'training.logging_steps': must be > 0: a number of steps, or a fraction"),
+        ("training.save_steps=-10", "'training.save_steps': must be > 0"),
+        ("training.eval_steps=0", "'training.eval_steps': must be > 0"),
+        ("training.weight_decay=-0.1", "'training.weight_decay': must be >= 0"),
+        ("training.adam_beta2=1", "'training.adam_beta2': must be in [0, 1)"),
+        ("training.dataloader_num_workers=-1", "'training.dataloader_num_workers': must be >= 0"),
+        ("model.num_labels=1", "'model.num_labels': Input should be greater than or equal to 2 (got 1)"),
+    ],
+)
+def test_training_numbers_that_fail_only_after_the_model_loads_are_config_errors(tmp_path, override, expected):
+    assert expected in error_of(write(tmp_path, ISSUE_EXAMPLE), [override])
+
+
+def test_in_range_training_numbers_are_accepted(tmp_path):
+    overrides = [
+        "training.max_steps=5",
+        "training.num_train_epochs=0",
+        "training.learning_rate=0",
+        "training.warmup_steps=0.1",
+    ]
+    training = load_config(write(tmp_path, ISSUE_EXAMPLE), overrides).training
+    assert training["max_steps"] == 5 and training["num_train_epochs"] == 0 and training["learning_rate"] == 0
+    assert load_config(write(tmp_path, ISSUE_EXAMPLE), ["training.max_steps=-1"]).training["max_steps"] == -1
+
+
+OVERRIDE_IN_A_FRESH_PROCESS = """
+import sys
+from ranktune.cli.main import main
+code = main(["train", sys.argv[1], *sys.argv[2:]])
+print(code, "torch" in sys.modules, "transformers" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("override", ["lora.alpah=4", "training.learning_rate=-1", "lora.r=0", "data.nope=1"])
+def test_an_override_mistake_is_reported_before_torch_is_imported(tmp_path, override):
+    """A config with a `training` section: checking its keys imports transformers and torch, but only last."""
+    path = write(tmp_path, ISSUE_EXAMPLE)
+    result = subprocess.run(
+        [sys.executable, "-c", OVERRIDE_IN_A_FRESH_PROCESS, str(path), override],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.stdout.split() == ["2", "False", "False"], (result.stdout, result.stderr)
+    assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1, result.stderr
 
 
 def test_malformed_yaml_gives_the_line(tmp_path):

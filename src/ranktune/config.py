@@ -3,6 +3,9 @@
 The key names are a contract that scripts outside the repository rely on. LoRA keys follow PEFT (`r`, `alpha`,
 `target_modules`, `rank_pattern`, ...), with PEFT's own spellings (`lora_alpha`, `use_rslora`, ...) accepted as
 aliases. The `training` section is handed to `transformers.TrainingArguments`, so every key documented there works.
+
+Importing this module costs no torch or transformers: everything but the `training` keys' names and types is checked
+without them, so a mistake elsewhere is reported in a fraction of a second (see `validate_config`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -53,7 +57,7 @@ class ModelConfig(_Section):
     trust_remote_code: bool = False
     revision: str | None = None
     attn_implementation: str | None = None
-    num_labels: int | None = Field(default=None, gt=0)
+    num_labels: int | None = Field(default=None, ge=2)  # 1 would make transformers build a regression head
 
 
 class DataConfig(_Section):
@@ -295,8 +299,8 @@ class RunConfig(_Section):
 
     @field_validator("training")
     @classmethod
-    def _known_training_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_training_arguments(value)
+    def _training_values(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_training_values(value)
 
 
 def _training_fields() -> dict[str, dataclasses.Field]:
@@ -313,6 +317,71 @@ TRAINING_ALIASES = {"warmup_ratio": "warmup_steps", "evaluation_strategy": "eval
 def rename_training_aliases(values: dict[str, Any]) -> dict[str, Any]:
     """Maps 4.x names onto their 5.x fields (`warmup_steps` below 1 is a fraction of the steps, like warmup_ratio)."""
     return {TRAINING_ALIASES.get(key, key): value for key, value in values.items()}
+
+
+_STEPS_OR_FRACTION = "must be > 0: a number of steps, or a fraction (below 1) of the run"
+# TrainingArguments numbers that torch or the Trainer refuse only once training starts, after the model has loaded,
+# or that they accept and then train nothing. What TrainingArguments checks itself (warmup_steps >= 0, ...) is left
+# to it: `ranktune train` builds the arguments before it loads anything.
+_TRAINING_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "learning_rate": (lambda v: v >= 0, "must be >= 0"),
+    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "adam_epsilon": (lambda v: v >= 0, "must be >= 0"),
+    "per_device_train_batch_size": (lambda v: v >= 1, "must be at least 1"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, "must be at least 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, "must be at least 1"),
+    "max_steps": (lambda v: v > 0 or v == -1, "must be a number of steps > 0, or -1 to train for num_train_epochs"),
+    "logging_steps": (lambda v: v > 0, _STEPS_OR_FRACTION),
+    "save_steps": (lambda v: v > 0, _STEPS_OR_FRACTION),
+    "eval_steps": (lambda v: v > 0, _STEPS_OR_FRACTION),
+    "dataloader_num_workers": (lambda v: v >= 0, "must be >= 0"),
+}
+
+
+def _as_number(value: Any) -> float | None:
+    """A value for a range check; None for what is no number (the type check names it: a bool, a word, None)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def check_training_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Checks the `training` values that need no transformers: reserved keys and the ranges of numbers.
+
+    Returns:
+        The values with 4.x aliases renamed.
+
+    Raises:
+        ValueError: naming the first bad key (`'training.key': ...`) and what it expects.
+    """
+    for old_name, name in TRAINING_ALIASES.items():
+        if old_name in values and name in values:  # renaming would silently keep one of the two
+            raise ValueError(f"'training.{old_name}': the transformers 4 name of training.{name}, set too; keep one")
+    values = rename_training_aliases(values)
+    for key, value in values.items():
+        if key in _RESERVED_TRAINING_KEYS:
+            raise ValueError(f"'training.{key}': not allowed here; {_RESERVED_TRAINING_KEYS[key]}")
+        number = _as_number(value)
+        if key in _TRAINING_RANGES and number is not None:
+            in_range, expected = _TRAINING_RANGES[key]
+            if not in_range(number):
+                raise ValueError(f"'training.{key}': {expected} (got {value})")
+    epochs, max_steps = _as_number(values.get("num_train_epochs")), _as_number(values.get("max_steps"))
+    if epochs is not None and (epochs < 0 or (epochs == 0 and not (max_steps and max_steps > 0))):
+        raise ValueError(
+            "'training.num_train_epochs': must be > 0 (0 would save an untrained adapter as if trained), unless "
+            f"training.max_steps > 0 sets the length of the run (got {values['num_train_epochs']})"
+        )
+    return values
 
 
 def _simple_types(annotation: Any) -> tuple[type, ...] | None:
@@ -364,23 +433,23 @@ def _accepts_str_not_bool(annotation: Any) -> bool:
 def check_training_arguments(values: dict[str, Any]) -> dict[str, Any]:
     """Checks `training` keys against `TrainingArguments`: names, and types where the field's type is simple.
 
+    Imports transformers (and with it torch), which takes seconds: `validate_config` calls it last.
+
     Returns:
-        The values with 4.x aliases renamed and numeric strings (`1e-4`) turned into numbers.
+        The values with numeric strings (`1e-4`) turned into numbers and YAML's `no` (False) into "no".
 
     Raises:
-        ValueError: naming the first bad key and what it expects (pydantic turns it into a config error).
+        ValueError: naming the first bad key and what it expects.
     """
     fields = _training_fields()
     from transformers import TrainingArguments
 
     hints = typing.get_type_hints(TrainingArguments, include_extras=False)
     checked: dict[str, Any] = {}
-    for key, value in rename_training_aliases(values).items():
-        if key in _RESERVED_TRAINING_KEYS:
-            raise ValueError(f"key '{key}' is not allowed here: {_RESERVED_TRAINING_KEYS[key]}")
+    for key, value in values.items():
         if key not in fields:
             names = list(fields) + list(TRAINING_ALIASES)
-            raise ValueError(f"unknown key '{key}' (not a TrainingArguments field).{did_you_mean(key, names)}")
+            raise ValueError(f"unknown key 'training.{key}' (not a TrainingArguments field).{did_you_mean(key, names)}")
         annotation = hints.get(key, fields[key].type)
         if value is False and _accepts_str_not_bool(annotation):
             value = "no"
@@ -389,12 +458,49 @@ def check_training_arguments(values: dict[str, Any]) -> dict[str, Any]:
             value = _coerce_number(value, allowed)
             if not _type_matches(value, allowed):
                 expected = " or ".join(t.__name__ for t in allowed)
-                raise ValueError(f"'{key}' expects {expected}, got {type(value).__name__} {value!r}")
+                raise ValueError(f"'training.{key}' expects {expected}, got {type(value).__name__} {value!r}")
         checked[key] = value
     return checked
 
 
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping gives a key twice."""
+
+    def __init__(self, key: Any, first_line: int, mark: yaml.Mark) -> None:
+        super().__init__(None, None, f"duplicate key '{key}' (first at line {first_line}); give each key once", mark)
+        self.key = key
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing a key given twice in one mapping (SafeLoader silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden key by key
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader refuses it itself
+            if key in first_lines:
+                raise _DuplicateKeyError(key, first_lines[key], key_node.start_mark)
+            first_lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads`' object_pairs_hook: a JSON object that gives a key twice is refused, not reduced to the last."""
+    mapping: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in mapping:
+            raise ValueError(f"duplicate key '{key}' in one object; give each key once")
+        mapping[key] = value
+    return mapping
+
+
 def _read_mapping(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise UserInputError(f"{path} is a directory; expected a config file (.yaml, .toml or .json)")
     if not path.is_file():
         raise UserInputError(f"config file not found: {path}")
     try:
@@ -406,15 +512,15 @@ def _read_mapping(path: Path) -> dict[str, Any]:
         if suffix == ".toml":
             data = tomllib.loads(text)
         elif suffix == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_json_keys)
         else:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error)
         raise UserInputError(f"malformed YAML in {path}{where}: {problem}") from None
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+    except (tomllib.TOMLDecodeError, ValueError) as error:  # JSONDecodeError and a duplicate key are ValueErrors
         raise UserInputError(f"malformed {suffix[1:].upper()} in {path}: {error}") from None
     if data is None:
         data = {}
@@ -430,7 +536,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not sep or not key.strip():
             raise UserInputError(f"override '{item}' is not of the form dotted.key=value")
         try:
-            value = yaml.safe_load(raw)
+            value = yaml.load(raw, Loader=UniqueKeyLoader)
+        except _DuplicateKeyError as error:
+            raise UserInputError(f"override '{item}': duplicate key '{error.key}'; give each key once") from None
         except yaml.YAMLError:
             value = raw
         node = data
@@ -498,6 +606,8 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"missing required key '{dotted}'"
     message = error["msg"].removeprefix("Value error, ")
+    if message.startswith(f"'{dotted}."):  # the validator named the key inside its field itself
+        return message
     got = error.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"'{dotted}': {message}{shown}"
@@ -516,10 +626,24 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 
 def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
-    """Validates a config mapping, turning pydantic's errors into one readable message."""
+    """Validates a config mapping, turning pydantic's errors into one readable message.
+
+    The `training` keys' names and types are checked last, against `TrainingArguments`: importing it imports torch
+    (seconds), so every other mistake, from the file or from an override, is reported before that.
+
+    Raises:
+        UserInputError: the first problems found, each naming its key and what is expected.
+    """
     try:
-        return RunConfig.model_validate(data)
+        config = RunConfig.model_validate(data)
     except ValidationError as error:
         lines = [_describe(e) for e in error.errors()]
-        detail = lines[0] if len(lines) == 1 else "\n  - " + "\n  - ".join(lines)
+        detail = "; ".join(lines)  # one line, as every error is
         raise UserInputError(f"invalid config {source}: {detail}") from None
+    if not config.training:
+        return config
+    try:
+        training = check_training_arguments(config.training)
+    except ValueError as error:
+        raise UserInputError(f"invalid config {source}: {error}") from None
+    return config.model_copy(update={"training": training})

@@ -36,8 +36,7 @@ from ranktune.adapters.shortcut_files import write_shortcuts
 from ranktune.adapters.shortcuts import ShortcutSet
 from ranktune.allocation.strategy import FoldedFactors
 from ranktune.errors import RuntimeFailure
-
-STAGING_PREFIX = ".adapter-"  # the hidden folder an adapter is staged in; a save killed half-way leaves it behind
+from ranktune.files import STAGING_PREFIX
 
 
 def canonical_adapter(model: PeftModel, factors: FoldedFactors) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -115,7 +114,7 @@ def write_adapter(
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output_dir))
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}adapter-", dir=output_dir))
     try:
         if factors is not None:
             _save_canonical(model, factors, staging)

@@ -1,4 +1,4 @@
-"""Writing a folder or a file so that it appears complete or not at all."""
+"""Writing a folder or a file so that it appears complete or not at all, and never onto a command's own input."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from ranktune.errors import UserInputError
+
+STAGING_PREFIX = ".ranktune-staging-"
+"""Names of the hidden files and folders a write is staged in; a run removes the ones a kill left in its output_dir."""
 
 
 @contextmanager
@@ -42,7 +47,7 @@ def write_text_atomically(path: str | Path, text: str) -> Path:
     """Writes `text` to a hidden file beside `path`, then renames it into place: the file is whole or absent."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    handle, staging = tempfile.mkstemp(prefix=f"{STAGING_PREFIX}{path.name}-", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
@@ -51,3 +56,41 @@ def write_text_atomically(path: str | Path, text: str) -> Path:
     finally:
         Path(staging).unlink(missing_ok=True)
     return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)  # also hard links and different spellings of one path
+    return a.resolve() == b.resolve()
+
+
+def folder_inputs(folder: Path, description: str) -> dict[Path, str]:
+    """Every file below `folder`, each described as `description` (for `check_output_file`)."""
+    return {path: description for path in folder.rglob("*") if path.is_file()}
+
+
+def check_output_file(path: str, option: str, inputs: dict[Path, str] | None = None) -> Path:
+    """The path a command may write, checked before any work is done.
+
+    Args:
+        path: the file name the user gave.
+        option: the option that named it, for messages (`--predictions`).
+        inputs: {file the command reads: what it is}; the output must be none of them.
+
+    Raises:
+        UserInputError: the path is a folder or one of the inputs, or its folder cannot be created or written.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise UserInputError(f"{option} '{path}' is a folder; give a file name")
+    for source, description in (inputs or {}).items():
+        if _same_file(target, source):
+            raise UserInputError(f"{option} '{path}' is {description}, which this command reads; choose another file")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserInputError(f"{option} '{path}': '{folder}' is a file, so no folder can be made there")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserInputError(f"{option} '{path}': the folder '{folder}' is not writable")
+    return target

@@ -2,7 +2,8 @@
 
 Pass `peft_config=L1RAConfig(...)` as you would a LoraConfig. The trainer wraps the model with LoRA, installs the
 gated fixed-capacity components, and drives L1RA with `AllocationCallback`. Checkpoints hold the gates, masks and
-L1RA state, so `save_strategy` can stay at its default and `train(resume_from_checkpoint=...)` continues exactly.
+L1RA state (written before the Trainer's own files, see `training/checkpoints.py`), so `save_strategy` can stay at
+its default and `train(resume_from_checkpoint=...)` continues exactly (`training/reproducible.py`).
 `save_model()` writes the canonical vanilla PEFT adapter (gates folded in, inactive components dropped).
 """
 
@@ -13,7 +14,6 @@ from typing import Any
 
 from peft import PeftModel, get_peft_model
 from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
 from ranktune.adapters.layout import RANK_HISTORY
@@ -21,6 +21,8 @@ from ranktune.allocation.callback import AllocationCallback
 from ranktune.allocation.components import install_gates
 from ranktune.allocation.l1ra import L1RAConfig, L1RAStrategy
 from ranktune.export import write_adapter
+from ranktune.training.checkpoints import CheckpointFilesFirst, select_resume_checkpoint
+from ranktune.training.reproducible import ReproducibleEpochs
 
 
 def _attach_l1ra(trainer: Trainer, config: L1RAConfig) -> AllocationCallback:
@@ -33,8 +35,10 @@ def _attach_l1ra(trainer: Trainer, config: L1RAConfig) -> AllocationCallback:
 
 
 def _resume_path(trainer: Trainer, resume_from_checkpoint: str | bool | None) -> str | None:
+    """`True` resolves to the newest complete checkpoint (a kill can leave a newer one half-written)."""
     if resume_from_checkpoint is True:
-        return get_last_checkpoint(trainer.args.output_dir)
+        chosen, _ = select_resume_checkpoint(Path(trainer.args.output_dir), trainer.checkpoint_files())
+        return str(chosen)
     return resume_from_checkpoint or None
 
 
@@ -45,7 +49,7 @@ def _export(trainer: Trainer, output_dir: str | None) -> None:
         write_adapter(trainer.model, trainer.processing_class, output_dir or trainer.args.output_dir, factors)
 
 
-class L1RATrainer(Trainer):
+class L1RATrainer(CheckpointFilesFirst, ReproducibleEpochs, Trainer):
     """transformers.Trainer with L1RA: `L1RATrainer(model=..., args=..., peft_config=L1RAConfig(...), ...)`."""
 
     def __init__(self, model: Any = None, *args: Any, peft_config: L1RAConfig, **kwargs: Any) -> None:
@@ -56,7 +60,7 @@ class L1RATrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         self.l1ra.resume_from = _resume_path(self, resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        return super().train(resume_from_checkpoint=self.l1ra.resume_from, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if _internal_call:  # checkpoints keep gates and masks, for an exact resume
@@ -64,7 +68,7 @@ class L1RATrainer(Trainer):
         return _export(self, output_dir)
 
 
-class L1RASFTTrainer(SFTTrainer):
+class L1RASFTTrainer(CheckpointFilesFirst, ReproducibleEpochs, SFTTrainer):
     """trl.SFTTrainer with L1RA: `L1RASFTTrainer(model=..., args=SFTConfig(...), peft_config=L1RAConfig(...))`."""
 
     def __init__(self, model: Any = None, *args: Any, peft_config: L1RAConfig, **kwargs: Any) -> None:
@@ -73,7 +77,7 @@ class L1RASFTTrainer(SFTTrainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         self.l1ra.resume_from = _resume_path(self, resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        return super().train(resume_from_checkpoint=self.l1ra.resume_from, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if _internal_call:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Json, Value
 from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
@@ -138,7 +138,7 @@ def test_pairs_are_tokenized_as_pairs(tokenizer: PreTrainedTokenizerFast) -> Non
         special_tokens=[("<s>", tokenizer.bos_token_id), ("</s>", tokenizer.eos_token_id)],
     )
     tokenizer.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
-    splits = splits_of(train={"premise": ["ab"], "hypothesis": ["xyz"], "label": [1]})
+    splits = splits_of(train={"premise": ["ab", "c"], "hypothesis": ["xyz", "d"], "label": [1, 0]})
     config = CONFIG.model_copy(update={"text_column": "premise", "text_pair_column": "hypothesis"})
 
     prepared, _ = prepare_classification(splits, tokenizer, config)
@@ -151,9 +151,49 @@ def test_pairs_are_tokenized_as_pairs(tokenizer: PreTrainedTokenizerFast) -> Non
 
 
 def test_pair_truncation_keeps_both_texts(tokenizer: PreTrainedTokenizerFast) -> None:
-    splits = splits_of(train={"a": ["abcdefghij"], "b": ["0123456789"], "label": [0]})
+    splits = splits_of(train={"a": ["abcdefghij", "k"], "b": ["0123456789", "l"], "label": [0, 1]})
     config = CONFIG.model_copy(update={"text_column": "a", "text_pair_column": "b", "max_length": 8})
 
     prepared, _ = prepare_classification(splits, tokenizer, config)
 
     assert prepared["train"][0]["input_ids"] == char_ids(tokenizer, "abcd") + char_ids(tokenizer, "0123")
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_names_and_ids_mixed_in_one_column_are_an_error(tokenizer: PreTrainedTokenizerFast, split: str) -> None:
+    """As JSON lines load them: a column of JSON values, strings and integers side by side."""
+    features = Features({"text": Value("string"), "label": Json()})
+    columns = {"train": {"text": ["a", "b", "c"], "label": ["neg", "pos", "neg"]}}
+    columns[split] = {"text": ["a", "b", "c"], "label": ["neg", 1, "pos"]}
+    splits = DatasetDict({name: Dataset.from_dict(data, features=features) for name, data in columns.items()})
+    with pytest.raises(UserInputError) as error:
+        prepare_classification(splits, tokenizer, CONFIG)
+    message = str(error.value)
+    assert f"the {split} split's label column 'label' mixes class names and class ids" in message
+    assert "(strings such as 'neg' and integers such as 1)" in message
+
+
+@pytest.mark.parametrize(
+    ("labels", "num_labels", "shown"), [(["pos", "pos"], None, "'pos'"), ([0, 0], None, "0"), ([1, 1], 3, "1")]
+)
+def test_a_single_class_in_train_is_an_error(
+    tokenizer: PreTrainedTokenizerFast, labels: list, num_labels: int | None, shown: str
+) -> None:
+    splits = splits_of(train={"text": ["a", "b"], "label": labels})
+    with pytest.raises(
+        UserInputError, match=f"single class: label column 'label' holds {shown} in all 2 of its examples"
+    ):
+        prepare_classification(splits, tokenizer, CONFIG, num_labels=num_labels)
+
+
+def test_a_single_class_label_feature_is_an_error(tokenizer: PreTrainedTokenizerFast) -> None:
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["negative", "positive"])})
+    splits = DatasetDict({"train": Dataset.from_dict({"text": ["a", "b"], "label": [1, 1]}, features=features)})
+    with pytest.raises(UserInputError, match="single class"):
+        prepare_classification(splits, tokenizer, CONFIG)
+
+
+def test_an_evaluation_split_may_hold_one_class(tokenizer: PreTrainedTokenizerFast) -> None:
+    splits = splits_of(test={"text": ["a", "b"], "label": ["pos", "pos"]})
+    prepared, _ = prepare_classification(splits, tokenizer, CONFIG, label_names=["neg", "pos"])
+    assert prepared["test"]["labels"] == [1, 1]

@@ -81,6 +81,65 @@ def test_malformed_file_reports_the_parser_problem(tmp_path: Path) -> None:
         load_file(str(path))
 
 
+def numbered_jsonl(count: int, broken: dict[int, str]) -> str:
+    """`count` JSON lines, where line n (counted from 1) is `broken[n]` instead of a valid object."""
+    return "".join(
+        broken.get(n, json.dumps({"text": f"example {n}", "label": n % 2})) + "\n" for n in range(1, count + 1)
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("bad.jsonl", numbered_jsonl(40, {30: '{"text": "x", "label": a}'}), "line 30, column 24: Expecting value"),
+        # pyarrow counts rows from 0 within each block of ~320 kB: its row number matches no line this far down
+        ("far.jsonl", numbered_jsonl(30_000, {25_000: '{"text": "x",'}), "line 25000, column 14: Expecting"),
+        ("array.jsonl", numbered_jsonl(3, {2: "[1, 2]"}), "line 2: expected one JSON object per line, got list"),
+        (
+            "pretty.json",
+            '[\n  {"text": "a", "label": 0},\n  {"text": "b" "label": 1}\n]\n',
+            "line 3, column 16: Expecting ',' delimiter",
+        ),
+    ],
+    ids=["line-30", "beyond-the-first-block", "not-an-object", "one-document"],
+)
+def test_malformed_json_names_the_line_counted_from_1(tmp_path: Path, name: str, content: str, expected: str) -> None:
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(UserInputError) as error:
+        load_file(str(path))
+    assert f"cannot read {path} as JSON: {expected}" in str(error.value)
+    assert "row" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "lines", "line"),
+    [
+        ("data.jsonl", [json.dumps({"text": f"t{i}", "label": i % 2}) for i in range(40)], 30),
+        ("data.json", ["["] + [json.dumps({"text": f"t{i}", "label": i % 2}) + "," for i in range(39)] + ["{}]"], 30),
+        ("data.csv", ["text,label"] + [f"t{i},{i % 2}" for i in range(40)], 30),
+        ("data.txt", [f"sentence number {i}" for i in range(40)], 30),
+        ("long.txt", [f"sentence number {i:06d} of a file above one read block" for i in range(40_000)], 35_000),
+    ],
+    ids=["jsonl", "json", "csv", "txt", "txt-beyond-the-first-block"],
+)
+def test_a_byte_that_is_not_utf8_names_file_line_and_column(tmp_path: Path, name: str, lines: list, line: int) -> None:
+    """A Latin-1 'é' after the first two characters of the line; JSON lines would otherwise load without complaint."""
+    encoded = [text.encode("utf-8") for text in lines]
+    encoded[line - 1] = encoded[line - 1][:2] + "é".encode("latin-1") + encoded[line - 1][2:]
+    path = tmp_path / name
+    path.write_bytes(b"\n".join(encoded) + b"\n")
+    with pytest.raises(UserInputError) as error:
+        load_file(str(path))
+    assert f"data file {path} is not UTF-8 text: line {line}, column 3 holds the byte 0xe9" in str(error.value)
+
+
+def test_utf8_with_a_byte_order_mark_and_multibyte_characters_loads(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_bytes("text,label\ncafé ☕,1\nnaïve,0\n".encode("utf-8-sig"))
+    assert load_file(str(path))["text"] == ["café ☕", "naïve"]
+
+
 def test_directory_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match="is a directory"):
         load_file(str(tmp_path))

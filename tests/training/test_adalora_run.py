@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from ranktune.config import validate_config
 from ranktune.training import train
-from tests.training.resume import assert_resume_is_exact, history
+from tests.training.resume import assert_resume_is_exact, history, over_two_epochs
 from tests.training.test_run import text_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]  # 2 layers: 10 modules
@@ -56,7 +56,8 @@ def test_total_rank_follows_the_budget_schedule_and_export_loads(make_model_dir,
 
 
 def test_interrupted_and_resumed_adalora_run_gives_the_same_adapter(make_model_dir, tmp_path):
-    """The checkpoint at step 11 falls mid-way through the shrinking budget."""
+    """With LoRA dropout, from checkpoints in the second epoch of 16 steps, whose budget shrinks from step 4 to 12:
+    at step 12, at step 8 (the epoch's start) and at step 11 (where a SIGTERM stopped the run)."""
     model_dir = make_model_dir("llama")
-    straight, checkpointed = (adalora_config(model_dir, tmp_path / name) for name in "ab")
-    assert_resume_is_exact(straight, checkpointed, save_steps=11, max_steps=24)
+    straight, checkpointed = (over_two_epochs(adalora_config(model_dir, tmp_path / name)) for name in "ab")
+    assert_resume_is_exact(straight, checkpointed, save_steps=4, resume_steps=[12, 8], stop_after=11)

@@ -17,7 +17,7 @@ from ranktune.errors import UserInputError
 from ranktune.reports import enabled_share
 from ranktune.training import train
 from tests.cli.helpers import run_cli
-from tests.training.resume import assert_resume_is_exact, history
+from tests.training.resume import assert_resume_is_exact, history, over_two_epochs
 from tests.training.test_run import text_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]  # 2 layers: 10 modules
@@ -94,12 +94,13 @@ def test_disabled_modules_keep_parameters_and_optimizer_state_frozen(make_model_
 
 
 def test_interrupted_and_resumed_dynamic_search_gives_the_same_adapter(make_model_dir, tmp_path):
-    """The checkpoint at step 6 falls between the reallocations at 4 and 8."""
+    """With LoRA dropout, from checkpoints in the second epoch of 16 steps (reallocations at 4, 8 and 12): at step 12,
+    at step 8 (the epoch's start) and at step 11 (where a SIGTERM stopped the run)."""
     model_dir = make_model_dir("llama")
-    straight, checkpointed = (hetero_config(model_dir, tmp_path / name) for name in "ab")
-    assert_resume_is_exact(straight, checkpointed, save_steps=6, max_steps=12)
+    straight, checkpointed = (over_two_epochs(hetero_config(model_dir, tmp_path / name)) for name in "ab")
+    assert_resume_is_exact(straight, checkpointed, save_steps=4, resume_steps=[12, 8], stop_after=11)
     rows = (tmp_path / "b" / "out" / "reallocation_history.jsonl").read_text().splitlines()
-    assert len(rows) == 3 * 10  # steps 0, 4 and 8: what the dead run wrote after its checkpoint was dropped
+    assert len(rows) == 4 * 10  # steps 0, 4, 8 and 12: what the dead runs wrote after their checkpoints was dropped
 
 
 def test_online_scoring_needs_a_gradient_heuristic(make_model_dir, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,9 @@ from transformers import Trainer
 from ranktune.config import validate_config
 from ranktune.errors import UserInputError
 from ranktune.training import train
+from ranktune.training.callbacks import StopOnSignal
 from ranktune.training.output_lock import LOCK_FILE, output_dir_lock
-from ranktune.training.outputs import EarlierRun, check_output_dir, prepare_output_dir
+from ranktune.training.outputs import RUN_MARKER, EarlierRun, check_output_dir, prepare_output_dir
 from tests.training.test_run import text_config
 
 
@@ -23,7 +25,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(folder)): p.read_bytes()
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != LOCK_FILE
+        if p.is_file() and p.name not in (LOCK_FILE, RUN_MARKER)
     }
 
 
@@ -107,16 +109,56 @@ def test_a_users_file_with_a_report_name_is_never_deleted(tmp_path):
     out = check_output_dir(str(tmp_path / "out"))
     (out / "metrics.jsonl").write_text("my own data\n")
     with pytest.raises(UserInputError, match=r"metrics\.jsonl, which a run writes and which ranktune did not write"):
-        prepare_output_dir(out, resume=False, overwrite=False, written_by_ranktune=False)
+        prepare_output_dir(out, resume=False, overwrite=False)
     with pytest.raises(UserInputError, match="ranktune did not write"):
-        prepare_output_dir(out, resume=False, overwrite=True, written_by_ranktune=False)
+        prepare_output_dir(out, resume=False, overwrite=True)
     assert (out / "metrics.jsonl").read_text() == "my own data\n"
 
 
-def test_leftovers_of_an_unfinished_run_are_set_aside_then_discarded(tmp_path):
+def test_a_refused_run_leaves_no_mark_so_a_second_try_is_refused_too(make_model_dir, tmp_path):
+    config = text_config(make_model_dir("llama"), tmp_path, max_steps=2)
+    out = Path(config["output_dir"])
+    out.mkdir()
+    (out / "config.yaml").write_bytes(b"my own config\n")
+    for _ in range(2):
+        with pytest.raises(UserInputError, match="ranktune did not write"):
+            train(validate_config(config))
+    assert (out / "config.yaml").read_bytes() == b"my own config\n"
+
+
+def test_a_first_run_that_fails_keeps_its_logs(make_model_dir, tmp_path, monkeypatch):
+    config = text_config(make_model_dir("llama"), tmp_path, max_steps=6, logging_steps=1)
+    crash_at_step(monkeypatch, 3)
+    with pytest.raises(Crash):
+        train(validate_config(config))
+    out = Path(config["output_dir"])
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3] and (out / "config.yaml").is_file()  # what it did, to see why it failed
+    monkeypatch.undo()
+    train(validate_config(config))  # its own leftovers do not block the next try
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:2] == [1, 2] and max(steps) == 6 and steps.count(3) == 1
+
+
+def test_a_signal_after_the_last_step_still_writes_the_adapter(make_model_dir, tmp_path, monkeypatch):
+    config = text_config(make_model_dir("llama"), tmp_path, max_steps=2)
+    original = StopOnSignal.on_step_end
+
+    def signal_at_the_end(self, args, state, control, **kwargs):
+        if state.global_step == state.max_steps:
+            self.received = signal.SIGTERM
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(StopOnSignal, "on_step_end", signal_at_the_end)
+    result = train(validate_config(config))
+    assert (result.output_dir / "adapter_config.json").is_file()
+
+
+def test_leftovers_of_an_unfinished_run_are_set_aside_then_put_back(tmp_path):
     out = check_output_dir(str(tmp_path / "out"))
+    (out / RUN_MARKER).touch()
     (out / "metrics.jsonl").write_text('{"step": 1}\n')  # a run that failed before its first checkpoint
-    prepare_output_dir(out, resume=False, overwrite=False, written_by_ranktune=True)
+    prepare_output_dir(out, resume=False, overwrite=False)
     earlier = EarlierRun(out, resume=False)
     earlier.set_aside()
     assert not (out / "metrics.jsonl").exists() and (out / ".previous-run" / "metrics.jsonl").is_file()
@@ -125,15 +167,39 @@ def test_leftovers_of_an_unfinished_run_are_set_aside_then_discarded(tmp_path):
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n' and not (out / ".previous-run").exists()
 
 
+def test_a_set_aside_killed_half_way_is_put_back(tmp_path):
+    out = check_output_dir(str(tmp_path / "out"))
+    (out / RUN_MARKER).touch()
+    (out / "adapter_config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text("earlier\n")  # not moved yet when the kill came
+    partial = out / ".previous-run.partial"
+    (partial / "checkpoint-3").mkdir(parents=True)  # already moved
+    prepare_output_dir(out, resume=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".ranktune-run",
+        "adapter_config.json",
+        "checkpoint-3",
+        "metrics.jsonl",
+    ]
+
+
 def test_a_save_killed_half_way_leaves_nothing_behind_the_next_run(tmp_path):
     out = check_output_dir(str(tmp_path / "out"))
-    staging = out / ".adapter-k2j4x9"  # what export's staging folder looks like after a SIGKILL
+    (out / RUN_MARKER).touch()
+    staging = out / ".ranktune-staging-adapter-k2j4x9"  # what export's staging folder looks like after a SIGKILL
     staging.mkdir()
     (staging / "adapter_model.safetensors").write_bytes(b"partial")
-    (out / ".metrics.jsonl-a8f3").write_text("partial")  # a rewritten log's temporary file
-    (out / ".adapters-notes").write_text("mine")  # not one of our prefixes
-    prepare_output_dir(out, resume=True, overwrite=False, written_by_ranktune=True)
-    assert sorted(p.name for p in out.iterdir()) == [".adapters-notes"]
+    (out / ".ranktune-staging-metrics.jsonl-a8f3").write_text("partial")  # a rewritten log's temporary file
+    (out / ".adapter-v1").mkdir()  # the user's, whatever it looks like
+    prepare_output_dir(out, resume=True, overwrite=False)
+    assert sorted(p.name for p in out.iterdir()) == [".adapter-v1", ".ranktune-run"]
+
+
+def test_staging_names_in_a_folder_ranktune_never_wrote_are_left_alone(tmp_path):
+    out = check_output_dir(str(tmp_path / "out"))
+    (out / ".ranktune-staging-notes").write_text("the user's")
+    prepare_output_dir(out, resume=False, overwrite=False)
+    assert (out / ".ranktune-staging-notes").read_text() == "the user's"
 
 
 def test_output_dir_that_is_a_file(tmp_path):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from ranktune.config import validate_config
 from ranktune.training import train
 from tests.conftest import save_tiny_model
+from tests.training.resume import assert_resume_is_exact, checkpoint_epoch, over_two_epochs
 
 TEXT = "To be, or not to be, that is the question: whether tis nobler in the mind to suffer. " * 6
 
@@ -85,3 +86,14 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(make_model_dir, tmp_path
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
     assert steps[-2:] == [stopped_at + 1, stopped_at + 2]
     assert (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_interrupted_and_resumed_lora_run_gives_the_same_adapter(make_model_dir, tmp_path):
+    """Plain LoRA with dropout, from checkpoints in the second epoch: mid-way (step 12), at its start (step 8, saved
+    before the epoch's evaluation) and where a SIGTERM stopped the run (step 11)."""
+    model_dir = make_model_dir("llama")
+    for name in "ab":
+        (tmp_path / name).mkdir()
+    straight, checkpointed = (over_two_epochs(text_config(model_dir, tmp_path / name, seed=3)) for name in "ab")
+    assert_resume_is_exact(straight, checkpointed, save_steps=4, resume_steps=[12, 8], stop_after=11)
+    assert checkpoint_epoch(tmp_path / "b" / "out", 12) == 1.5

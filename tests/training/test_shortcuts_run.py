@@ -14,7 +14,7 @@ from ranktune.config import validate_config
 from ranktune.errors import UserInputError
 from ranktune.training import train
 from tests.cli.helpers import assert_clean_error, run_cli
-from tests.training.resume import assert_resume_is_exact
+from tests.training.resume import assert_resume_is_exact, over_two_epochs
 from tests.training.test_hetero_run import TARGETS, hetero_config, reallocations
 
 SHORTCUTS = {"r": 2, "alpha": 4}
@@ -84,8 +84,9 @@ def test_a_resumed_shortcut_search_ends_exactly_like_an_uninterrupted_one(make_m
     model_dir = make_model_dir("llama")
     straight, checkpointed = (hetero_config(model_dir, tmp_path / name, shortcuts_mode="separated") for name in "ab")
     for config in (straight, checkpointed):
-        config["shortcuts"] = SHORTCUTS
-    reference = assert_resume_is_exact(straight, checkpointed, save_steps=6, max_steps=12)
+        config["shortcuts"] = {**SHORTCUTS, "dropout": 0.1}
+        over_two_epochs(config)
+    reference = assert_resume_is_exact(straight, checkpointed, save_steps=6, resume_steps=[12, 6])
     assert (reference / "shortcuts.safetensors").is_file()  # two connections enabled at the end: compared above
     saved = load_file(str(tmp_path / "b" / "out" / "checkpoint-6" / "shortcuts.safetensors"))
     assert len(saved) == 2 * CONNECTIONS  # checkpoints keep the disabled connections too

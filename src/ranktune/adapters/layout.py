@@ -12,12 +12,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ranktune.errors import UserInputError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLED_WEIGHTS = "adapter_model.bin"  # PEFT's old format: unpickling it can run code, so it is never read
 RUN_INFO = "ranktune.json"
 RANK_HISTORY = "rank_history.jsonl"
 REALLOCATION_HISTORY = "reallocation_history.jsonl"
@@ -130,24 +131,67 @@ def read_shortcut_ranks(adapter_dir: str | Path) -> list[ModuleRank]:
         raise UserInputError(f"cannot read {path}: {error}") from None
 
 
+def check_weights_file(path: Path) -> None:
+    """Reads a safetensors file's header, which safetensors checks against the file's size.
+
+    Raises:
+        UserInputError: the file is truncated, damaged or not a safetensors file.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as tensors:
+            tensors.keys()
+    except (OSError, SafetensorError) as error:
+        raise UserInputError(
+            f"{path} is damaged or not a safetensors file ({error}); copy the adapter again or save it anew"
+        ) from None
+
+
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
-    """Reads adapter_config.json, refusing folders that are not LoRA adapters."""
+    """Reads adapter_config.json, refusing folders that are not LoRA adapters or whose weights file is damaged.
+
+    Only adapter_model.safetensors is read: a folder with PEFT's pickled adapter_model.bin alone is refused, as
+    unpickling a file someone handed you can run any code.
+
+    Raises:
+        UserInputError: not an adapter folder, a pickled or damaged weights file, or not a LoRA adapter.
+    """
     config_path = adapter_dir / ADAPTER_CONFIG
-    if not adapter_dir.is_dir() or not config_path.is_file() or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if config_path.is_file() and not weights.exists() and (adapter_dir / PICKLED_WEIGHTS).is_file():
+        raise UserInputError(
+            f"'{adapter_dir}' holds {PICKLED_WEIGHTS}, a pickle (loading one can run code), and no {ADAPTER_WEIGHTS}; "
+            f"ranktune reads {ADAPTER_WEIGHTS} only: convert the adapter where you trust its file "
+            "(PeftModel.from_pretrained(...).save_pretrained(folder) writes safetensors)"
+        )
+    if not adapter_dir.is_dir() or not config_path.is_file() or not weights.is_file():
         raise UserInputError(
             f"'{adapter_dir}' is not an adapter directory: expected adapter_config.json and {ADAPTER_WEIGHTS} "
             "(the output_dir of `ranktune train`, or a PEFT LoRA adapter folder)"
         )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserInputError(f"cannot read {config_path}: {error}") from None
-    if config.get("peft_type") != "LORA":
-        raise UserInputError(f"{config_path}: peft_type is {config.get('peft_type')!r}; ranktune loads LORA adapters")
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        peft_type = config.get("peft_type") if isinstance(config, dict) else None
+        raise UserInputError(f"{config_path}: peft_type is {peft_type!r}; ranktune loads LORA adapters")
+    check_weights_file(weights)
     return config
 
 
 def read_run_info(adapter_dir: Path) -> dict[str, Any]:
-    """ranktune.json of a ranktune run, or {} for an adapter made elsewhere."""
+    """ranktune.json of a ranktune run, or {} for an adapter made elsewhere.
+
+    Raises:
+        UserInputError: ranktune.json exists but is not a readable JSON object.
+    """
     path = adapter_dir / RUN_INFO
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserInputError(f"cannot read {path}: {error}") from None
+    if not isinstance(info, dict):
+        raise UserInputError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    return info

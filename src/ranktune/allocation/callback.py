@@ -8,22 +8,30 @@ gradient-accumulation window and see synchronized gradients under DDP.
 from __future__ import annotations
 
 import json
+import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ranktune.adapters.layout import REALLOCATION_HISTORY
 from ranktune.allocation.strategy import AllocationStrategy
+from ranktune.errors import UserInputError
 from ranktune.files import drop_records_after
 
 ALLOCATION_STATE = "allocation_state.pt"
 
 
 class AllocationCallback(TrainerCallback):
-    """Steps the strategy, logs active ranks, writes rank_history.jsonl, and saves / restores its state."""
+    """Steps the strategy, logs active ranks, writes rank_history.jsonl, and saves / restores its state.
+
+    It is a `training.checkpoints.CheckpointWriter`: the trainer writes its state into each checkpoint before the
+    Trainer's own files.
+    """
+
+    checkpoint_files = (ALLOCATION_STATE,)
 
     def __init__(self, strategy: AllocationStrategy, history_path: Path | None = None) -> None:
         self.strategy = strategy
@@ -48,8 +56,7 @@ class AllocationCallback(TrainerCallback):
                 drop_records_after(path, state.global_step)
         first = self.strategy.start(state.max_steps, args.get_warmup_steps(state.max_steps), resuming)
         if resuming:
-            saved = torch.load(Path(self.resume_from) / ALLOCATION_STATE, map_location="cpu", weights_only=False)
-            self.strategy.load_state_dict(saved)
+            load_allocation_state(self.strategy, Path(self.resume_from) / ALLOCATION_STATE)
         elif state.global_step == 0:
             self._record(state, first or {"step": 0, **self.strategy.summary()})
 
@@ -67,8 +74,39 @@ class AllocationCallback(TrainerCallback):
             logs["active_rank"] = totals["total_rank"]
             logs["active_parameters"] = totals["active_parameters"]
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            folder.mkdir(parents=True, exist_ok=True)
-            torch.save(self.strategy.state_dict(), folder / ALLOCATION_STATE)
+    def write_checkpoint(self, folder: Path) -> None:
+        """Saves the strategy's state into a checkpoint folder (called by the trainer before its own files)."""
+        partial = folder / f".{ALLOCATION_STATE}.partial"
+        torch.save(self.strategy.state_dict(), partial)
+        os.replace(partial, folder / ALLOCATION_STATE)
+
+
+def load_allocation_state(strategy: AllocationStrategy, path: Path) -> None:
+    """Restores a strategy's state from a checkpoint, unpickling nothing but tensors, containers and scalars.
+
+    Raises:
+        UserInputError: the file is missing, damaged, holds other objects (whose unpickling could run code), or
+            is not this strategy's state.
+    """
+    if not path.is_file():
+        raise UserInputError(f"--resume: {path} is missing: the checkpoint was saved without its allocation state")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserInputError(
+            f"--resume: {path} holds objects other than tensors, numbers, strings, lists and dicts; "
+            "it was not loaded, since unpickling them could run code"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as error:
+        raise UserInputError(f"--resume: cannot read {path}: {_one_line(error)}") from None
+    try:
+        strategy.load_state_dict(saved)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise UserInputError(
+            f"--resume: {path} is not the state of this run's {strategy.name} allocation "
+            f"({type(error).__name__}: {_one_line(error)})"
+        ) from None
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:300]

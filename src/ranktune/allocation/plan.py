@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from ranktune.adapters.layout import layer_of
-from ranktune.config import SHORTCUT_KINDS, LoraSettings
+from ranktune.config import SHORTCUT_KINDS, LoraSettings, UniqueKeyLoader
 from ranktune.errors import UserInputError
 from ranktune.models.module_settings import ShortcutSpec
 
@@ -169,7 +169,7 @@ def read_plan(path: str | Path) -> dict[str, dict[str, Any]]:
 def _read_yaml(path: str | Path, what: str) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except FileNotFoundError:
         raise UserInputError(f"{what}: '{path}' does not exist") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:

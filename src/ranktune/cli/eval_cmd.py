@@ -9,6 +9,7 @@ from pathlib import Path
 from ranktune.adapters.layout import read_adapter_config
 from ranktune.config import DataConfig
 from ranktune.errors import UserInputError
+from ranktune.files import check_output_file, folder_inputs, write_text_atomically
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,6 +19,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--predictions", metavar="FILE.jsonl", help="classification: write each example's prediction")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run Python code that the adapter's tokenizer or base model ships (only for folders you trust)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -31,28 +37,39 @@ def data_config_of(info: dict, data_path: str) -> DataConfig:
 
 
 def write_predictions(path: Path, predictions, labels, label_names: list[str]) -> None:
-    """One JSON object per example, in file order: the true and the predicted label."""
+    """One JSON object per example, in file order: the true and the predicted label; the file is whole or absent."""
     rows = [
         json.dumps({"index": i, "label": label_names[int(y)], "prediction": label_names[int(p)]})
         for i, (p, y) in enumerate(zip(predictions, labels, strict=True))
     ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    write_text_atomically(path, "\n".join(rows) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:
-    read_adapter_config(Path(args.adapter_dir))  # refuse a wrong folder before importing torch
+    adapter_dir = Path(args.adapter_dir)
+    adapter_config = read_adapter_config(adapter_dir)  # refuse a wrong folder before importing torch
     if args.batch_size <= 0:
         raise UserInputError(f"--batch-size must be > 0, got {args.batch_size}")
+    if args.predictions and adapter_config.get("task_type") == "CAUSAL_LM":
+        raise UserInputError("--predictions is for classification adapters")
     from datasets import DatasetDict
 
     from ranktune import assets
+
+    data_path = assets.resolve(args.data)
+    predictions_path = None
+    if args.predictions:
+        inputs = {
+            **folder_inputs(adapter_dir, f"a file of the adapter folder '{adapter_dir}'"),
+            Path(data_path): "the --data file",
+        }
+        predictions_path = check_output_file(args.predictions, "--predictions", inputs)
+
     from ranktune.adapters.loading import load_adapter
     from ranktune.data import build_collator, load_file, prepare_causal_lm, prepare_classification
     from ranktune.evaluation import classification_metrics, evaluate, predict_classes
 
-    loaded = load_adapter(args.adapter_dir)
-    data_path = assets.resolve(args.data)
+    loaded = load_adapter(adapter_dir, trust_remote_code=args.trust_remote_code)
     config = data_config_of(loaded.info, data_path)
     splits = DatasetDict({"train": load_file(data_path, config.subset)})
     if loaded.task == "classification":
@@ -61,12 +78,10 @@ def run(args: argparse.Namespace) -> int:
         prepared = prepare_causal_lm(splits, loaded.tokenizer, config, model_type=loaded.model.config.model_type)
     collator = build_collator(loaded.tokenizer, loaded.task)
     num_labels = len(loaded.label_names) if loaded.label_names else None
-    if args.predictions and loaded.task == "classification":
+    if predictions_path:  # a classification adapter: causal-LM ones were refused above
         predictions, labels = predict_classes(loaded.model, prepared["train"], collator, args.batch_size)
-        write_predictions(Path(args.predictions), predictions, labels, loaded.label_names)
+        write_predictions(predictions_path, predictions, labels, loaded.label_names)
         metrics = {**classification_metrics(predictions, labels, num_labels), "examples": len(labels)}
-    elif args.predictions:
-        raise UserInputError("--predictions is for classification adapters")
     else:
         metrics = evaluate(loaded.model, prepared["train"], collator, loaded.task, num_labels, args.batch_size)
     if args.json:

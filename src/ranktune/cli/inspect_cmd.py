@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ranktune.errors import UserInputError
+from ranktune.files import check_output_file, folder_inputs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--plot",
         metavar="FILE.png",
-        help="also write a layers × module-type heatmap (and FILE-evolution.png when the run logged rank history)",
+        help="also write a layers × module-type heatmap (and FILE-evolution.png when the run logged rank history); "
+        "missing folders are created",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
@@ -36,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
     read_adapter_config(adapter_dir)
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UserInputError(f"--plot expects a .png file name, got '{args.plot}'")
+    if args.plot:
+        check_output_file(
+            args.plot, "--plot", folder_inputs(adapter_dir, f"a file of the adapter folder '{adapter_dir}'")
+        )
     modules = read_module_ranks(adapter_dir) + read_shortcut_ranks(adapter_dir)
     modules.sort(key=lambda m: (-1 if m.layer is None else m.layer, m.module))  # shortcuts beside their layer
     if args.json:

@@ -15,6 +15,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("merge", help="fold an adapter into its base model and save the full model")
     parser.add_argument("adapter_dir")
     parser.add_argument("--out", required=True, help="a new folder for the merged model")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run Python code that the adapter's tokenizer or base model ships (only for folders you trust)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -32,9 +37,11 @@ def run(args: argparse.Namespace) -> int:
     from ranktune.adapters.loading import load_adapter
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out '{out}' is a file; choose a new folder")
     if out.exists() and any(out.iterdir()):
         raise UserInputError(f"--out '{out}' exists and is not empty; choose a new folder")
-    loaded = load_adapter(args.adapter_dir, quantize=False)
+    loaded = load_adapter(args.adapter_dir, quantize=False, trust_remote_code=args.trust_remote_code)
     print(f"merging {args.adapter_dir} into its base model", file=sys.stderr)
     merged = loaded.model.merge_and_unload()
     with staged_folder(out, f".{out.name}-") as staging:

@@ -6,10 +6,12 @@ Apply it with `lora.plan: plan.yaml` in a training config.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import yaml
 
 from ranktune.errors import UserInputError
+from ranktune.files import check_output_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.out.endswith((".yaml", ".yml")):
         raise UserInputError(f"--out expects a .yaml file name, got '{args.out}'")
+    check_output_file(args.out, "--out", {Path(args.scores): "the --scores file"})
     data = read_scores(args.scores)
     modules = data["modules"]
     try:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ranktune.config import HEURISTICS, load_config
 from ranktune.errors import UserInputError
+from ranktune.files import check_output_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,6 +42,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.out.endswith(".json"):
         raise UserInputError(f"--out expects a .json file name, got '{args.out}'")
     config = load_config(args.config, args.overrides)
+    inputs = {Path(args.config): "the config file"}
+    inputs.update(
+        {
+            Path(path): f"the data.{key} file"
+            for key in ("train", "validation", "test")
+            if (path := getattr(config.data, key))
+        }
+    )
+    check_output_file(args.out, "--out", inputs)
     import torch
 
     from ranktune.allocation.plan import SCORES_FORMAT

@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides)  # no torch yet: most mistakes are reported at once
     from ranktune.evaluation import format_metrics
     from ranktune.training import train
 

@@ -1,8 +1,9 @@
 """Sequence classification examples: text (or a text pair) -> token ids, and a label -> a class id.
 
 Labels are mapped by one rule in every split: a string label is a class *name* (looked up in the label names), an
-integer label is a class *id* (checked against the number of classes). Padding is left to the collator, so each
-batch is padded only to its own longest example.
+integer label is a class *id* (checked against the number of classes). One column holds one kind: names and ids
+mixed would turn the ids into positions in the sorted names. Padding is left to the collator, so each batch is padded
+only to its own longest example.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def prepare_classification(
         and the label names.
 
     Raises:
-        UserInputError: packing was asked for, a column is missing, a text is not a string, or a label is invalid.
+        UserInputError: packing was asked for, a column is missing, a text is not a string, a label is invalid, a
+            label column mixes names and ids, or train has fewer than two classes.
     """
     if config.packing:
         raise UserInputError("data.packing applies to model.task causal_lm only; set it to false for classification")
@@ -48,6 +50,7 @@ def prepare_classification(
         columns["data.text_pair_column"] = config.text_pair_column
     for name, split in splits.items():
         require_columns(split, name, columns)
+        _require_one_label_kind(split, name, config.label_column)
     names = list(label_names) if label_names else infer_label_names(splits["train"], config.label_column, num_labels)
     prepared = DatasetDict(
         {
@@ -65,12 +68,13 @@ def infer_label_names(train: Dataset, column: str, num_labels: int | None = None
     labels become "0" .. str(n - 1), with n = `num_labels` or the largest label + 1.
 
     Raises:
-        UserInputError: no valid label, or `num_labels` disagrees with the string labels found.
+        UserInputError: no valid label, train holds a single class, or `num_labels` disagrees with the string labels.
     """
     feature = train.features[column]
+    values = [_label_value(value, "train", column, row) for row, value in enumerate(train[column])]
+    _require_two_classes(values, column)
     if isinstance(feature, ClassLabel) and num_labels in (None, feature.num_classes):
         return list(feature.names)
-    values = [_label_value(value, "train", column, row) for row, value in enumerate(train[column])]
     strings = sorted({value for value in values if isinstance(value, str)})
     if strings:
         if num_labels is not None and num_labels != len(strings):
@@ -81,6 +85,32 @@ def infer_label_names(train: Dataset, column: str, num_labels: int | None = None
         return strings
     count = num_labels if num_labels is not None else max(values) + 1
     return [str(i) for i in range(count)]
+
+
+def _require_one_label_kind(split: Dataset, name: str, column: str) -> None:
+    """Refuses a label column holding both class names (strings) and class ids (integers)."""
+    if isinstance(split.features[column], ClassLabel):
+        return
+    first: dict[type, str | int] = {}
+    for row, value in enumerate(split[column]):
+        label = _label_value(value, name, column, row)
+        first.setdefault(type(label), label)
+        if len(first) == 2:
+            raise UserInputError(
+                f"the {name} split's label column '{column}' mixes class names and class ids (strings such as "
+                f"{first[str]!r} and integers such as {first[int]!r}); use names or ids (0, 1, ...) throughout"
+            )
+
+
+def _require_two_classes(values: list[str | int], column: str) -> None:
+    """Refuses a train split with a single class: there is nothing to tell apart, and one label makes a regressor."""
+    classes = set(values)
+    if len(classes) < 2:
+        shown = ", ".join(map(repr, classes))
+        raise UserInputError(
+            f"the train split has a single class: label column '{column}' holds {shown} in all {len(values)} of its "
+            "examples; classification needs examples of at least two classes"
+        )
 
 
 def _tokenize(

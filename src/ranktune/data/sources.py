@@ -2,11 +2,16 @@
 splits a run uses.
 
 Every failure to read the user's data becomes a `UserInputError` naming the file (or the hub name), so the command
-line reports it in one line instead of a datasets traceback.
+line reports it in one line instead of a datasets traceback. Positions in a file are lines and columns counted from 1,
+as editors show them.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,12 +102,78 @@ def _load_local(path: Path) -> Dataset:
         raise UserInputError(f"unsupported data file type '{kind}' for {path}; expected {EXTENSIONS}")
     if path.stat().st_size == 0:
         raise UserInputError(f"data file {path} is empty; expected at least one example")
+    if builder != "parquet":
+        _require_utf8(path)
     try:
-        return load_dataset(builder, data_files=str(path), split="train")
+        with _reader_log_silenced(builder):
+            return load_dataset(builder, data_files=str(path), split="train")
     # The builders fail in many ways on bad files (StopIteration, ArrowInvalid, ValueError, DatasetGenerationError),
     # and the file exists and is readable by type, so any failure here is the content's fault.
     except Exception as error:
-        raise UserInputError(f"cannot read {path} as {builder.upper()}: {_root_cause(error)}") from None
+        problem = (_json_problem(path) if builder == "json" else None) or _root_cause(error)
+        raise UserInputError(f"cannot read {path} as {builder.upper()}: {problem}") from None
+
+
+@contextmanager
+def _reader_log_silenced(builder: str) -> Iterator[None]:
+    """Mutes the datasets reader's own log: it logs the error it raises, which our message then replaces."""
+    reader_log = logging.getLogger(f"datasets.packaged_modules.{builder}.{builder}")
+    level = reader_log.level
+    reader_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        reader_log.setLevel(level)
+
+
+def _require_utf8(path: Path) -> None:
+    """Refuses a text file that is not UTF-8, naming the first bad line and column.
+
+    The readers would otherwise fail without a position (CSV, text, JSON) or, for JSON lines, not at all: the bad
+    bytes would reach the tokenizer.
+
+    Raises:
+        UserInputError: naming the file, the line and column, and the byte.
+    """
+    line = 1
+    with path.open("rb") as file:
+        while lines := file.readlines(1 << 20):  # whole lines, about 1 MiB at a time
+            block = b"".join(lines)
+            try:
+                block.decode("utf-8")
+            except UnicodeDecodeError as error:
+                line += block.count(b"\n", 0, error.start)
+                line_start = block.rfind(b"\n", 0, error.start) + 1
+                column = len(block[line_start : error.start].decode("utf-8")) + 1
+                raise UserInputError(
+                    f"data file {path} is not UTF-8 text: line {line}, column {column} holds the byte "
+                    f"0x{block[error.start]:02x} ({error.reason}); save the file as UTF-8"
+                ) from None
+            line += len(lines)
+
+
+def _json_problem(path: Path) -> str | None:
+    """Where a JSON or JSON lines file breaks, as "line L, column C: problem"; None when Python's parser finds nothing.
+
+    pyarrow's own message counts rows from 0 within each block it reads, which matches no line of the file.
+    """
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        json.loads(text)
+        return None
+    except json.JSONDecodeError as error:
+        if error.msg != "Extra data":  # one document, broken at this position
+            return f"line {error.lineno}, column {error.colno}: {error.msg}"
+    for number, line in enumerate(text.split("\n"), start=1):  # JSON lines: one object per line
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            return f"line {number}, column {error.colno}: {error.msg}"
+        if not isinstance(value, dict):
+            return f"line {number}: expected one JSON object per line, got {type(value).__name__} {line.strip()[:40]}"
+    return None
 
 
 def _load_hub(name: str, subset: str | None, split: str) -> Dataset:

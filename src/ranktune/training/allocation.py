@@ -11,7 +11,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, TrainingArguments
 
 from ranktune.adapters.layout import RANK_HISTORY
-from ranktune.adapters.lora import attach_peft, build_lora_config
+from ranktune.adapters.lora import attach_peft, build_lora_config, check_pattern_keys, lora_layers
 from ranktune.adapters.shortcuts import ShortcutSet, bare_model, find_shortcuts, install_shortcuts
 from ranktune.allocation.adalora import AdaLoRASettings, AdaLoRAStrategy, build_adalora_config
 from ranktune.allocation.callback import AllocationCallback
@@ -77,9 +77,16 @@ def attach_configured_lora(
     model: PreTrainedModel, config: RunConfig, gradient_checkpointing: bool = False
 ) -> PeftModel:
     """LoRA from the `lora` section (its plan and per-module settings applied), then the shortcut connections: the
-    candidate pool that training and `ranktune saliency` share."""
+    candidate pool that training and `ranktune saliency` share.
+
+    Raises:
+        UserInputError: targets that match nothing, or a rank_pattern / alpha_pattern key that matches no adapted
+            module (a plan replaces those patterns, so they are checked only without one).
+    """
     lora_settings, dropouts = resolve_lora_settings(model, planned_lora(config.lora))
     model = attach_peft(model, build_lora_config(lora_settings, config.model.task), gradient_checkpointing)
+    if not config.lora.plan:
+        check_pattern_keys(config.lora, list(lora_layers(model)))
     apply_module_dropouts(model, dropouts)
     attach_shortcuts(model, config)
     return model

@@ -74,3 +74,15 @@ def build_training_arguments(config: RunConfig, output_dir: Path, has_validation
         return TrainingArguments(output_dir=str(output_dir), **values)
     except (ValueError, TypeError, ImportError) as error:
         raise UserInputError(f"invalid 'training' section: {error}") from None
+
+
+def validate_training_arguments(config: RunConfig) -> None:
+    """Builds the run's TrainingArguments and drops them: what transformers refuses fails before anything loads.
+
+    Building them writes nothing, so output_dir is not touched either. A run always has a validation split
+    (`data.load_splits` makes one), hence `has_validation=True`, as in `train`.
+
+    Raises:
+        UserInputError: TrainingArguments refused a combination of values.
+    """
+    build_training_arguments(config, Path(config.output_dir), has_validation=True)

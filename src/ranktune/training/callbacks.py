@@ -10,8 +10,8 @@ from types import FrameType
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ranktune.adapters.layout import SHORTCUTS_CONFIG, SHORTCUTS_WEIGHTS
 from ranktune.adapters.shortcut_files import load_shortcut_weights, write_shortcuts
 from ranktune.adapters.shortcuts import ShortcutSet
 from ranktune.evaluation import perplexity
@@ -79,6 +79,17 @@ class StopOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
 
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        """The step's checkpoint is saved: no epoch-end evaluation and no second save into the same folder.
+
+        The Trainer ends the epoch when training stops, and with `eval_strategy` / `save_strategy` "epoch" it would
+        evaluate (after the user asked to stop) and rewrite the checkpoint in place, with the RNG state that
+        evaluation left (which the uninterrupted run did not have at this step) and open to a second signal.
+        """
+        if self.received is not None:
+            control.should_evaluate = False
+            control.should_save = False
+
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.restore()
 
@@ -94,8 +105,11 @@ class ShortcutCheckpoints(TrainerCallback):
     when a run resumes.
 
     Every connection is saved, disabled ones included, so a resumed HeteroLoRA search continues with their trained
-    values; their optimizer state is in the Trainer's own optimizer.pt.
+    values; their optimizer state is in the Trainer's own optimizer.pt. It is a `training.checkpoints.CheckpointWriter`:
+    the trainer writes the files into each checkpoint before the Trainer's own files.
     """
+
+    checkpoint_files = (SHORTCUTS_WEIGHTS, SHORTCUTS_CONFIG)
 
     def __init__(self, shortcuts: ShortcutSet) -> None:
         self.shortcuts = shortcuts
@@ -107,8 +121,6 @@ class ShortcutCheckpoints(TrainerCallback):
         if self.resume_from is not None:
             load_shortcut_weights(self.shortcuts, Path(self.resume_from))
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            folder.mkdir(parents=True, exist_ok=True)
-            write_shortcuts(self.shortcuts, folder, only_enabled=False)
+    def write_checkpoint(self, folder: Path) -> None:
+        """Saves every connection into a checkpoint folder (called by the trainer before its own files)."""
+        write_shortcuts(self.shortcuts, folder, only_enabled=False)

@@ -3,8 +3,7 @@
 Two runs writing into one folder would replace each other's adapter and interleave their metrics.jsonl; the second
 one gets a clear error naming the first instead. The lock is an advisory `flock` on a hidden file, so it is released
 by the operating system when the process ends, however it ends (a killed run never leaves a folder locked). The
-file stays behind and says which process held it last; its presence also tells a later run that ranktune has
-written into this folder before (see `training.outputs`).
+file stays behind and says which process held it last.
 """
 
 from __future__ import annotations

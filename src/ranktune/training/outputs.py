@@ -5,15 +5,16 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ranktune.adapters.layout import (
     ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     RANK_HISTORY,
     REALLOCATION_HISTORY,
     RUN_INFO,
@@ -22,13 +23,15 @@ from ranktune.adapters.layout import (
 )
 from ranktune.config import RunConfig
 from ranktune.errors import UserInputError
-from ranktune.export import STAGING_PREFIX
+from ranktune.files import STAGING_PREFIX
+from ranktune.training.checkpoints import checkpoints_newest_first, is_complete
 
 RESOLVED_CONFIG = "config.yaml"
 METRICS_LOG = "metrics.jsonl"
+RUN_MARKER = ".ranktune-run"  # written when a run first writes into output_dir: the report files here are ours
 PREVIOUS_RUN = ".previous-run"
+_PARTIAL = f"{PREVIOUS_RUN}.partial"  # a set-aside or a put-back that a kill interrupted
 RUN_LOGS = (RESOLVED_CONFIG, METRICS_LOG, RANK_HISTORY, REALLOCATION_HISTORY)  # written while a run trains
-_STAGING_PREFIXES = (STAGING_PREFIX, *(f".{name}-" for name in RUN_LOGS))  # export's folder, rewritten logs' files
 _PACKAGES = ("ranktune", "torch", "transformers", "peft", "datasets", "accelerate", "trl", "bitsandbytes")
 
 
@@ -43,42 +46,43 @@ def check_output_dir(output_dir: str) -> Path:
         raise UserInputError(f"output_dir '{path}' is a file; expected a folder (it is created when missing)")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        handle, probe = tempfile.mkstemp(prefix=STAGING_PREFIX, dir=path)  # a name of its own: processes may race
+        os.close(handle)
+        os.unlink(probe)
     except OSError as error:
         raise UserInputError(f"output_dir '{path}' is not writable: {error.strerror or error}") from None
     return path
 
 
+def written_by_ranktune(path: Path) -> bool:
+    """Whether a ranktune run has written into output_dir before (its report files are then ours)."""
+    return (path / RUN_MARKER).is_file()
+
+
 def _earlier_results(path: Path) -> list[str]:
     """What a finished or interrupted earlier run left: its adapter, its checkpoints, an unfinished replacement."""
-    earlier = sorted(p.name for p in path.glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
+    earlier = [folder.name for folder in checkpoints_newest_first(path)]
     for name in (PREVIOUS_RUN, ADAPTER_CONFIG):
         if (path / name).exists():
             earlier.insert(0, name)
     return earlier
 
 
-def prepare_output_dir(path: Path, resume: bool, overwrite: bool, written_by_ranktune: bool) -> None:
-    """Checks that output_dir holds nothing a new run would silently mix with or write over; deletes nothing.
+def prepare_output_dir(path: Path, resume: bool, overwrite: bool) -> None:
+    """Checks that output_dir holds nothing a new run would silently mix with or write over.
 
     A finished adapter or checkpoints of an earlier run are refused unless the user resumes (checkpoints are then
     the point) or overwrites (then `EarlierRun` sets them aside once training starts). A report file with one of
     our names (metrics.jsonl, config.yaml, ...) in a folder ranktune never wrote into is the user's, and refused.
-    Also removes the staging folders of a save that a kill interrupted (they are ours by name, and the caller holds
-    the output_dir lock, so no other run is writing them).
-
-    Args:
-        path: the checked output_dir (`check_output_dir`).
-        resume: --resume was given.
-        overwrite: --overwrite was given.
-        written_by_ranktune: a ranktune run has written into this folder before (its lock file existed).
+    In a folder ranktune wrote into, what a kill interrupted is tidied first (`recover_interrupted_writes`). Call it
+    with the output_dir lock held, so no other run is writing there.
 
     Raises:
         UserInputError: an earlier run without --overwrite or --resume, or a file of ours that is not ours.
     """
-    remove_interrupted_saves(path)
+    ours = written_by_ranktune(path)
+    if ours:
+        recover_interrupted_writes(path)
     if resume:
         return
     earlier = _earlier_results(path)
@@ -87,7 +91,7 @@ def prepare_output_dir(path: Path, resume: bool, overwrite: bool, written_by_ran
             f"output_dir '{path}' holds an earlier run ({', '.join(earlier[:3])}); choose another "
             "output_dir, pass --resume to continue it, or --overwrite to replace it"
         )
-    if written_by_ranktune or earlier:
+    if ours or earlier:
         return
     foreign = [name for name in (*RUN_LOGS, RUN_INFO) if (path / name).exists()]
     if foreign:
@@ -97,24 +101,27 @@ def prepare_output_dir(path: Path, resume: bool, overwrite: bool, written_by_ran
         )
 
 
-def remove_interrupted_saves(path: Path) -> None:
-    """Deletes the hidden staging folders and files that a save killed half-way left in output_dir."""
-    for prefix in _STAGING_PREFIXES:
-        for staging in path.glob(f"{prefix}*"):
-            if staging.is_dir():
-                shutil.rmtree(staging, ignore_errors=True)
-            else:
-                staging.unlink(missing_ok=True)
+def recover_interrupted_writes(path: Path) -> None:
+    """Tidies what a run killed half-way through a write left in output_dir: staging folders and files (their names
+    start with `files.STAGING_PREFIX`), and an earlier run's files caught half-way between output_dir and
+    .previous-run (they go back into output_dir)."""
+    _remove(sorted(path.glob(f"{STAGING_PREFIX}*")))
+    partial = path / _PARTIAL
+    if partial.is_dir():
+        for item in partial.iterdir():
+            os.replace(item, path / item.name)
+        partial.rmdir()
 
 
 class EarlierRun:
     """The earlier run's logs and checkpoints, set aside in output_dir/.previous-run while a new run trains.
 
     Its adapter stays in place until the new one is written over it (export writes adapter_config.json last), so
-    at every moment output_dir holds the newest complete adapter, and `.previous-run` holds the logs that go with
-    it. A finished run deletes `.previous-run`. A run that failed before its first checkpoint removes what it wrote
-    and puts the earlier logs back; one that failed or was stopped later keeps both, its checkpoints (to resume)
-    and the earlier logs, until it finishes.
+    output_dir holds the newest complete adapter throughout, and `.previous-run` the logs that go with it. A finished
+    run deletes `.previous-run`. A run that fails before its first complete checkpoint removes its own logs and puts
+    the earlier ones back; one that fails or is stopped later keeps both, its checkpoints (to resume) and the earlier
+    logs, until it finishes. Every move goes through `.previous-run.partial`, which `recover_interrupted_writes`
+    puts back if a kill interrupts it.
     """
 
     def __init__(self, path: Path, resume: bool, main_process: bool = True) -> None:
@@ -124,57 +131,67 @@ class EarlierRun:
         self.main_process = main_process
         self._set_aside = False
 
-    def _new_run_files(self) -> list[Path]:
+    def _run_files(self) -> list[Path]:
         present = [self.path / name for name in RUN_LOGS if (self.path / name).exists()]
-        return present + sorted(self.path.glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
+        return present + checkpoints_newest_first(self.path)
 
     def set_aside(self) -> None:
-        """Moves the earlier run's logs and checkpoints into .previous-run (just before training starts).
+        """Marks output_dir as ranktune's and moves the earlier run's logs and checkpoints into .previous-run (just
+        before training starts).
 
-        When .previous-run already exists, an earlier replacement never finished: the adapter in place is still
-        the one it describes, and what lies beside it came from the unfinished run, which is discarded.
+        When .previous-run already exists, an earlier replacement never finished: the adapter in place is still the
+        one it describes, and the logs and checkpoints beside it came from the unfinished run, which is discarded.
         """
+        if not self.main_process:
+            return
+        (self.path / RUN_MARKER).touch()
         if not self.replacing:
             return
         self._set_aside = True
-        leftovers = self._new_run_files()
+        leftovers = self._run_files()
         if self.backup.exists():
             _remove(leftovers)
             return
         if not leftovers:
             return
-        self.backup.mkdir()
+        partial = self.path / _PARTIAL
+        partial.mkdir()
         for item in leftovers:
-            os.replace(item, self.backup / item.name)
+            os.replace(item, partial / item.name)
+        os.replace(partial, self.backup)
 
     def discard(self) -> None:
         """The run finished and its adapter is written: the earlier logs go (also after a resumed replacement)."""
-        if self.main_process:
-            shutil.rmtree(self.backup, ignore_errors=True)
+        if self.main_process and self.backup.exists():
+            doomed = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.path))
+            os.replace(self.backup, doomed / PREVIOUS_RUN)  # gone from sight at once; a kill leaves staging only
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def restore(self) -> bool:
-        """The new run failed. With no checkpoint of its own, its logs go and the earlier ones come back, leaving
-        the folder as it was; with one, everything stays, so that `--resume` can continue it.
+        """The new run failed. With no complete checkpoint of its own and an earlier run set aside, its logs and
+        checkpoint folders go and the earlier ones come back, leaving the folder as it was; otherwise everything
+        stays (its checkpoints for `--resume`, its logs to see what happened).
 
         Returns:
-            Whether the folder was put back as it was.
+            False when the run's complete checkpoints were kept.
         """
         if not self._set_aside:
             return True
-        if any(self.path.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+        if any(is_complete(folder, [ADAPTER_WEIGHTS]) for folder in checkpoints_newest_first(self.path)):
             return False
-        _remove(self._new_run_files())
-        if self.backup.is_dir():
-            for item in self.backup.iterdir():
-                os.replace(item, self.path / item.name)
-            self.backup.rmdir()
+        if not self.backup.is_dir():
+            return True
+        _remove(self._run_files())
+        partial = self.path / _PARTIAL
+        os.replace(self.backup, partial)
+        recover_interrupted_writes(self.path)
         return True
 
 
 def _remove(paths: list[Path]) -> None:
     for item in paths:
         if item.is_dir():
-            shutil.rmtree(item)
+            shutil.rmtree(item, ignore_errors=True)
         else:
             item.unlink(missing_ok=True)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ranktune.adapters.layout import RANK_HISTORY, RUN_INFO
 from ranktune.adapters.shortcuts import find_shortcuts
@@ -21,9 +21,10 @@ from ranktune.evaluation import evaluate, format_metrics, trainer_classification
 from ranktune.export import write_adapter
 from ranktune.models import load_base_model, load_tokenizer, resolve_model_path
 from ranktune.training.allocation import attach_adapter
-from ranktune.training.arguments import build_training_arguments
+from ranktune.training.arguments import build_training_arguments, validate_training_arguments
 from ranktune.training.callbacks import MetricsLogger, ShortcutCheckpoints, StopOnSignal
-from ranktune.training.output_lock import LOCK_FILE, output_dir_lock
+from ranktune.training.checkpoints import checkpoints_newest_first, resume_message, select_resume_checkpoint
+from ranktune.training.output_lock import output_dir_lock
 from ranktune.training.outputs import (
     METRICS_LOG,
     EarlierRun,
@@ -32,6 +33,7 @@ from ranktune.training.outputs import (
     run_info,
     save_resolved_config,
 )
+from ranktune.training.trainer import RanktuneTrainer
 
 
 class TrainingInterrupted(RanktuneError):
@@ -131,12 +133,12 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
         UserInputError: bad config, data or paths, or another run is using output_dir.
         TrainingInterrupted: a signal stopped training; a checkpoint was saved.
     """
+    validate_training_arguments(config)  # what TrainingArguments refuses, before anything is loaded or written
     main_process = _launched_as_main()
     output_dir = check_output_dir(config.output_dir)
-    written_by_ranktune = (output_dir / LOCK_FILE).exists()
     with output_dir_lock(output_dir, enabled=main_process):
         if main_process:
-            prepare_output_dir(output_dir, resume, overwrite, written_by_ranktune)
+            prepare_output_dir(output_dir, resume, overwrite)
         earlier = EarlierRun(output_dir, resume, main_process)
         try:
             result = _train_in(config, output_dir, resume, earlier)
@@ -154,9 +156,10 @@ def _train_in(config: RunConfig, output_dir: Path, resume: bool, earlier: Earlie
     """`train` inside a checked, locked output_dir."""
     checkpoint = None
     if resume:
-        checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if checkpoint is None:
+        found = checkpoints_newest_first(output_dir)  # which one is complete is decided once the Trainer exists
+        if not found:
             raise UserInputError(f"--resume: no checkpoint-N folder in '{output_dir}' to resume from")
+        checkpoint = str(found[0])
     task = config.model.task
     if config.lora.plan:
         read_plan(config.lora.plan)  # a bad plan fails before the data and the model are loaded
@@ -181,7 +184,7 @@ def _train_in(config: RunConfig, output_dir: Path, resume: bool, earlier: Earlie
         )
     num_labels = len(label_names) if label_names else None
     stopper = StopOnSignal()
-    trainer = Trainer(
+    trainer = RanktuneTrainer(
         model=model,
         args=args,
         train_dataset=datasets["train"],
@@ -211,6 +214,10 @@ def _train_in(config: RunConfig, output_dir: Path, resume: bool, earlier: Earlie
     test_before = None if resume else test_metrics()
     if test_before:
         _log(f"test before training: {format_metrics(test_before)}")
+    if checkpoint is not None:  # the newest whose files were all written (a kill can leave a newer one half-saved)
+        chosen, skipped = select_resume_checkpoint(output_dir, trainer.checkpoint_files())
+        _log(resume_message(chosen, skipped))
+        checkpoint = str(chosen)
     if allocation and checkpoint:
         allocation.callback.resume_from = checkpoint
     if shortcut_checkpoints and checkpoint:
@@ -222,12 +229,12 @@ def _train_in(config: RunConfig, output_dir: Path, resume: bool, earlier: Earlie
         train_output = trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         stopper.restore()
-    if stopper.received is not None:
-        last = get_last_checkpoint(str(output_dir))
+    if stopper.received is not None and trainer.state.global_step < trainer.state.max_steps:
+        last = output_dir / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
         raise TrainingInterrupted(
             f"training stopped by signal {stopper.received}; checkpoint saved to {last}; "
             "continue with `ranktune train CONFIG --resume`"
-        )
+        )  # a signal after the last step stops nothing: the adapter is written as usual
     metrics = {**train_output.metrics, **_final_validation(trainer, "validation" in datasets)}
     test_after = test_metrics()
     if test_after:

@@ -1,0 +1,13 @@
+"""The Trainer that `ranktune train` runs: transformers' Trainer with complete checkpoints and exact resumes."""
+
+from __future__ import annotations
+
+from transformers import Trainer
+
+from ranktune.training.checkpoints import CheckpointFilesFirst
+from ranktune.training.reproducible import ReproducibleEpochs
+
+
+class RanktuneTrainer(CheckpointFilesFirst, ReproducibleEpochs, Trainer):
+    """Writes its callbacks' checkpoint files before the Trainer's own (`training/checkpoints.py`), and draws its
+    random numbers so that a resumed run continues exactly (`training/reproducible.py`)."""
