@@ -164,8 +164,7 @@ def load_adapter(adapter_dir: str | Path, quantize: bool = True, trust_remote_co
     except ModelNotFound as error:
         if Path(base).exists():
             raise
-        hub = str(error).rsplit(f"'{base}': ", 1)[-1].split(". ")[0].rstrip(".")  # its first sentence
-        raise _base_not_found(adapter_dir, base, f" (no such folder from here, and the hub: {hub})") from None
+        raise _base_not_found(adapter_dir, base, f" (no such folder from here, and the hub: {error.reason})") from None
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(
         str(adapter_dir) if has_tokenizer else base,

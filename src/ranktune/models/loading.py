@@ -46,7 +46,15 @@ def looks_local(name_or_path: str) -> bool:
 
 
 class ModelNotFound(UserInputError):
-    """No model config at a path: no such local folder, and the hub has no such model or cannot be reached."""
+    """No model config at a path: no such local folder, and the hub has no such model or cannot be reached.
+
+    Attributes:
+        reason: the first sentence of the library's own explanation.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def one_line(error: Exception) -> str:
@@ -82,7 +90,10 @@ def load_model_config(path: str, config: ModelConfig, where: str, trust_option: 
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code, revision=config.revision)
     except OSError as error:
-        raise ModelNotFound(f"{where}: cannot read the model config of '{path}': {one_line(error)}") from None
+        reason = one_line(error)
+        raise ModelNotFound(
+            f"{where}: cannot read the model config of '{path}': {reason}", reason.split(". ")[0].rstrip(".")
+        ) from None
     except ValueError as error:
         if _needs_custom_code(error):
             raise custom_code_error(where, path, trust_option) from None
