@@ -80,13 +80,16 @@ def _check_exists(path: str, where: str) -> None:
         raise UserInputError(f"{where}: '{path}' does not exist (expected a local model folder or a hub id)")
 
 
-def load_model_config(path: str, config: ModelConfig, where: str, trust_option: str) -> PretrainedConfig:
+def load_model_config(
+    path: str, config: ModelConfig, where: str = "model.name_or_path", trust_option: str = TRUST_IN_CONFIG
+) -> PretrainedConfig:
     """The model's config.json (architecture, special token ids), custom code refused unless trusted.
 
     Raises:
         ModelNotFound: no model config at `path`, locally or on the hub.
         UserInputError: the model config is unreadable, or it needs code the user did not allow.
     """
+    _check_exists(path, where)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code, revision=config.revision)
     except OSError as error:

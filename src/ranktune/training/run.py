@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer, set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ranktune.adapters.layout import RANK_HISTORY, RUN_INFO
@@ -20,6 +20,7 @@ from ranktune.errors import RanktuneError, UserInputError
 from ranktune.evaluation import evaluate, format_metrics, trainer_classification_metrics
 from ranktune.export import write_adapter
 from ranktune.models import load_base_model, load_tokenizer, resolve_model_path
+from ranktune.models.loading import load_model_config
 from ranktune.training.allocation import attach_adapter
 from ranktune.training.arguments import build_training_arguments, validate_training_arguments
 from ranktune.training.callbacks import MetricsLogger, ShortcutCheckpoints, StopOnSignal
@@ -71,7 +72,7 @@ def _resolve_data_paths(data: DataConfig) -> DataConfig:
     return data.model_copy(update=resolved)
 
 
-def _prepare_datasets(config: RunConfig, data: DataConfig, tokenizer, model_path: str):
+def _prepare_datasets(config: RunConfig, data: DataConfig, tokenizer, model_type: str):
     """Tokenized splits, the label names (classification) and the data format that was used."""
     splits = load_splits(data)
     if config.model.task == "classification":
@@ -79,7 +80,6 @@ def _prepare_datasets(config: RunConfig, data: DataConfig, tokenizer, model_path
         return prepared, label_names, "classification"
     data_format = detect_format(splits["train"], data)
     data = data.model_copy(update={"format": data_format})
-    model_type = AutoConfig.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code).model_type
     return prepare_causal_lm(splits, tokenizer, data, model_type=model_type), None, data_format
 
 
@@ -115,9 +115,10 @@ def prepare_run(config: RunConfig) -> PreparedRun:
     set_seed(int(config.training.get("seed", 42)))  # the new head and LoRA's A are drawn before the Trainer seeds
     model_path = resolve_model_path(config.model.name_or_path)
     data = _resolve_data_paths(config.data)
-    tokenizer = load_tokenizer(model_path, config.model)
+    pretrained_config = load_model_config(model_path, config.model)  # read once: the tokenizer's EOS, the model type
+    tokenizer = load_tokenizer(model_path, config.model, pretrained_config)
     _log(f"preparing data from {data.train}")
-    datasets, label_names, data_format = _prepare_datasets(config, data, tokenizer, model_path)
+    datasets, label_names, data_format = _prepare_datasets(config, data, tokenizer, pretrained_config.model_type)
     _log(f"loading {config.model.name_or_path} ({config.model.task})")
     model = load_base_model(model_path, config.model, label_names=label_names, pad_token_id=tokenizer.pad_token_id)
     return PreparedRun(model_path, tokenizer, datasets, label_names, data_format, model)
