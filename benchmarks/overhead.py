@@ -87,8 +87,9 @@ def measure(variant: str, model_name: str, steps: int, out: Path) -> dict:
         model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16,
                                                  target_modules="all-linear"))  # fmt: skip
     else:
+        from ranktune.allocation.callback import AllocationCallback
+        from ranktune.allocation.registry import BuildContext, build_adapter
         from ranktune.config import validate_config
-        from ranktune.training.allocation import attach_adapter
         from ranktune.training.callbacks import MetricsLogger, StopOnSignal
 
         allocation = dict(ALLOCATIONS[variant])
@@ -97,10 +98,11 @@ def measure(variant: str, model_name: str, steps: int, out: Path) -> dict:
         config = validate_config({"model": {"name_or_path": "x"}, "data": {"train": "x"},
                                   "allocation": allocation,
                                   "lora": {"r": 8, "alpha": 16, "dropout": 0.0}})  # fmt: skip
-        model, attached = attach_adapter(model, config, args, data, default_data_collator, out)
+        adapted = build_adapter(model, config, BuildContext(args, data, default_data_collator, out, seed=42))
+        model = adapted.model
         callbacks = [StopOnSignal(), MetricsLogger(out / "metrics.jsonl", causal_lm=True)]
-        if attached:
-            callbacks.insert(0, attached.callback)
+        if adapted.strategy is not None:
+            callbacks.insert(0, AllocationCallback(adapted.strategy, out / "rank_history.jsonl"))
     if variant == "peft-lora-baseline":
         model.base_model.model.config.use_cache = False
     timer = StepTimer()

@@ -18,21 +18,27 @@ import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (
-    AfterValidator,
     AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from ranktune.adapters.shortcut_types import SHORTCUT_KINDS, ShortcutKind
+from ranktune.allocation.methods.none import NoAllocation
+from ranktune.allocation.registry import check_compatibility, registered_methods, settings_union
 from ranktune.errors import UserInputError, did_you_mean
+
+if TYPE_CHECKING:
+    from ranktune.allocation.plan_file import Plan
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -142,9 +148,32 @@ class LoraSettings(_Section):
             raise ValueError(f"ranks must be > 0, got {bad}")
         return value
 
+    _files: dict[str, Any] = PrivateAttr(default_factory=dict)
 
-ShortcutKind = Literal["residual1", "residual2", "shortcut1", "shortcut2"]
-SHORTCUT_KINDS: tuple[str, ...] = typing.get_args(ShortcutKind)
+    def plan_file(self) -> Plan | None:
+        """`plan` read and checked, once (the config reads it when validated).
+
+        Raises:
+            UserInputError: the file is missing or not a plan that enables a LoRA module.
+        """
+        if self.plan is None:
+            return None
+        from ranktune.allocation.plan_file import read_plan  # it reads config types itself
+
+        return _read_once(self._files, ("plan", self.plan), lambda: read_plan(self.plan))
+
+    def reference(self) -> dict[str, Any]:
+        """`reference_config` read and checked, once (see `reference_toml.read_reference`)."""
+        from ranktune.reference_toml import read_reference  # it reads config types itself
+
+        return _read_once(self._files, ("reference", self.reference_config), lambda: read_reference(self, "lora"))
+
+
+def _read_once(cache: dict[Any, Any], key: Any, read: Callable[[], Any]) -> Any:
+    """A file a section names, read on first use and kept with the section (its copies share it)."""
+    if key not in cache:
+        cache[key] = read()
+    return cache[key]
 
 
 class ShortcutSettings(_Section):
@@ -165,96 +194,17 @@ class ShortcutSettings(_Section):
     layers: dict[int, dict[ShortcutKind, ModuleSettings]] = Field(default_factory=dict)
     reference_config: str | None = None
 
+    _files: dict[str, Any] = PrivateAttr(default_factory=dict)
 
-class NoAllocation(_Section):
-    """Plain LoRA: every module keeps the rank it was given."""
+    def reference(self) -> dict[str, Any]:
+        """`reference_config` read and checked, once (see `reference_toml.read_reference`)."""
+        from ranktune.reference_toml import read_reference  # it reads config types itself
 
-    method: Literal["none"] = "none"
-
-
-class L1RAAllocation(_Section):
-    """L1RA: L1-regularised gates prune rank components and hand the freed budget to modules that need it.
-
-    `max_rank` is each module's fixed capacity (default 2 × lora.r): a module can at most double its rank, which
-    covers the growth seen in the L1RA paper's runs while keeping the reserved memory to one extra LoRA's worth.
-    """
-
-    method: Literal["l1ra"]
-    l1ra_lambda: float = Field(default=1e-3, ge=0.0)
-    eta_c: float = Field(default=1e-2, gt=0.0)
-    rank_update_ratio: float = Field(default=0.1, gt=0.0, le=1.0)
-    prune_threshold: float = Field(default=0.0, ge=0.0)
-    reassign: bool = True
-    exclude_pruned: bool = True
-    budget: Literal["ranks", "params"] = "ranks"
-    max_rank: int | None = Field(default=None, gt=0)
-    min_rank: int = Field(default=1, ge=0)
+        return _read_once(self._files, ("reference", self.reference_config), lambda: read_reference(self, "shortcuts"))
 
 
-def _steps_or_fraction(value: int | float) -> int | float:
-    if isinstance(value, float) and value >= 1.0:
-        raise ValueError(f"a fraction must be below 1, got {value}; give a whole number for steps")
-    return value
-
-
-StepsOrFraction = Annotated[int | float, AfterValidator(_steps_or_fraction)]
-"""A number of optimizer steps (int) or a fraction (float below 1) of the run or of an epoch."""
-
-
-class AdaLoRAAllocation(_Section):
-    """AdaLoRA (PEFT): every module starts at `init_r`; an importance-scored budget shrinks to `target_r` per module.
-
-    Both default from lora.r so that the final budget equals plain LoRA's: target_r = lora.r and init_r = 1.5 × that
-    (PEFT's own 12 → 8). `tinit` / `tfinal` are steps (int) or fractions of the run (float below 1).
-    """
-
-    method: Literal["adalora"]
-    init_r: int | None = Field(default=None, gt=0)
-    target_r: int | None = Field(default=None, gt=0)
-    tinit: StepsOrFraction = Field(default=0.1, ge=0)
-    tfinal: StepsOrFraction = Field(default=0.2, ge=0)
-    deltaT: int = Field(default=10, gt=0)
-    beta1: float = Field(default=0.85, gt=0.0, lt=1.0)
-    beta2: float = Field(default=0.85, gt=0.0, lt=1.0)
-    orth_reg_weight: float = Field(default=0.5, ge=0.0)
-
-    def ranks(self, lora_r: int) -> tuple[int, int]:
-        """(init_r, target_r) with the defaults filled from lora.r."""
-        target_r = self.target_r or lora_r
-        return self.init_r or round(1.5 * target_r), target_r
-
-
-Heuristic = Literal["constant", "grad_norm", "snip", "synflow", "alpha_test"]
-HEURISTICS: tuple[str, ...] = typing.get_args(Heuristic)
-
-
-class HeteroAllocation(_Section):
-    """HeteroLoRA's dynamic search: every `every` steps, score the LoRA modules and enable the top `keep` fraction.
-
-    `every` is a fraction of an epoch (float below 1) or a number of optimizer steps (int). `online: true` scores from
-    the training gradients themselves (grad_norm or snip) instead of `batches` extra forward/backward passes.
-    """
-
-    method: Literal["hetero"]
-    heuristic: Heuristic = "grad_norm"
-    every: StepsOrFraction = Field(default=0.2, gt=0)
-    keep: float = Field(default=0.25, gt=0.0, le=1.0)
-    batches: int = Field(default=32, gt=0)
-    online: bool = False
-    shortcuts_mode: Literal["combined", "separated", "off"] = "combined"
-
-    @model_validator(mode="after")
-    def _online_needs_gradients(self) -> HeteroAllocation:
-        if self.online and self.heuristic not in ("grad_norm", "snip"):
-            raise ValueError(
-                f"online scoring uses the training gradients: heuristic grad_norm or snip, not {self.heuristic}"
-            )
-        return self
-
-
-AllocationConfig = Annotated[
-    NoAllocation | L1RAAllocation | AdaLoRAAllocation | HeteroAllocation, Field(discriminator="method")
-]
+# The `allocation` section: one settings class per registered method, tagged by `method` (allocation/registry.py).
+AllocationConfig = settings_union()
 
 
 class RunConfig(_Section):
@@ -273,29 +223,18 @@ class RunConfig(_Section):
         per_module = [key for key in ("modules", "layers", "reference_config") if getattr(self.lora, key)]
         if self.lora.plan and per_module:
             raise ValueError(f"lora.plan sets every module itself; remove lora.{per_module[0]} or the plan")
-        if self.shortcuts and self.allocation.method in ("l1ra", "adalora"):
-            raise ValueError(
-                f"shortcuts train with allocation.method none or hetero, not '{self.allocation.method}' "
-                "(its rank allocation covers LoRA modules only)"
-            )
-        if self.allocation.method != "none":
-            if self.lora.dora:
-                raise ValueError(f"allocation.method '{self.allocation.method}' does not support lora.dora")
-            if self.allocation.method == "adalora":
-                self._check_adalora()
-            max_rank = getattr(self.allocation, "max_rank", None)
-            if max_rank is not None and max_rank < self.lora.r:
-                raise ValueError(f"allocation.max_rank ({max_rank}) must be at least lora.r ({self.lora.r})")
+        check_compatibility(self)
         return self
 
-    def _check_adalora(self) -> None:
-        keys = ("rslora", "rank_pattern", "alpha_pattern", "plan", "modules", "layers", "reference_config")
-        unsupported = [key for key in keys if getattr(self.lora, key)]
-        if unsupported:
-            raise ValueError(f"allocation.method 'adalora' does not support lora.{unsupported[0]}")
-        init_r, target_r = self.allocation.ranks(self.lora.r)
-        if target_r >= init_r:
-            raise ValueError(f"allocation.target_r ({target_r}) must be below allocation.init_r ({init_r})")
+    @model_validator(mode="after")
+    def _read_named_files(self) -> RunConfig:
+        """Reads the plan and reference configs now, so that their mistakes are reported before anything loads."""
+        self.lora.plan_file()
+        if self.lora.reference_config:
+            self.lora.reference()
+        if self.shortcuts is not None and self.shortcuts.reference_config:
+            self.shortcuts.reference()
+        return self
 
     @field_validator("training")
     @classmethod
@@ -552,9 +491,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-_ALLOCATION_KEYS = {
-    key for member in typing.get_args(typing.get_args(AllocationConfig)[0]) for key in member.model_fields
-}
+_ALLOCATION_KEYS = {key for method in registered_methods() for key in method.settings.model_fields}
 
 
 def _section_at(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, str]:

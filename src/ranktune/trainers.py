@@ -59,8 +59,7 @@ class L1RATrainer(CheckpointFilesFirst, ReproducibleEpochs, Trainer):
         self.l1ra = _attach_l1ra(self, peft_config)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
-        self.l1ra.resume_from = _resume_path(self, resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=self.l1ra.resume_from, **kwargs)
+        return super().train(resume_from_checkpoint=_resume_path(self, resume_from_checkpoint), **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if _internal_call:  # checkpoints keep gates and masks, for an exact resume
@@ -76,8 +75,7 @@ class L1RASFTTrainer(CheckpointFilesFirst, ReproducibleEpochs, SFTTrainer):
         self.l1ra = _attach_l1ra(self, peft_config)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
-        self.l1ra.resume_from = _resume_path(self, resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=self.l1ra.resume_from, **kwargs)
+        return super().train(resume_from_checkpoint=_resume_path(self, resume_from_checkpoint), **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if _internal_call:

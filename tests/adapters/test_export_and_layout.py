@@ -10,7 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from ranktune.adapters.layout import module_types, read_module_ranks
-from ranktune.adapters.lora import attach_lora
+from ranktune.adapters.lora import attach_peft, build_lora_config
 from ranktune.config import LoraSettings
 from ranktune.export import write_adapter
 from ranktune.reports import module_grid
@@ -23,7 +23,7 @@ def adapted(make_model_dir):
     settings = LoraSettings(
         r=4, target_modules=["q_proj", "down_proj"], rank_pattern={"model.layers.1.mlp.down_proj": 2}
     )
-    peft_model = attach_lora(model, settings, "causal_lm")
+    peft_model = attach_peft(model, build_lora_config(settings, "causal_lm"))
     with torch.no_grad():  # make B non-zero so the adapter changes the output
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModelForCausalLM
 
-from ranktune.adapters.lora import attach_lora, check_pattern_keys, lora_layers
+from ranktune.adapters.lora import attach_peft, build_lora_config, check_pattern_keys, lora_layers
 from ranktune.config import LoraSettings
 from ranktune.errors import UserInputError
 
@@ -17,20 +17,22 @@ def llama(make_model_dir):
 
 
 def test_rank_above_a_modules_width_warns_naming_it(llama, capsys):
-    attach_lora(llama, LoraSettings(r=20, target_modules=["q_proj", "k_proj", "v_proj"]), "causal_lm")
+    attach_peft(
+        llama, build_lora_config(LoraSettings(r=20, target_modules=["q_proj", "k_proj", "v_proj"]), "causal_lm")
+    )
     err = capsys.readouterr().err
     assert err.startswith("[ranktune] warning:") and err.count("\n") == 1
     assert "k_proj ×2 (r 20 > 16)" in err and "v_proj ×2 (r 20 > 16)" in err and "q_proj" not in err
 
 
 def test_rank_within_every_width_is_silent(llama, capsys):
-    attach_lora(llama, LoraSettings(r=16, target_modules=["q_proj", "k_proj"]), "causal_lm")
+    attach_peft(llama, build_lora_config(LoraSettings(r=16, target_modules=["q_proj", "k_proj"]), "causal_lm"))
     assert capsys.readouterr().err == ""
 
 
 @pytest.fixture
 def adapted(llama) -> list[str]:
-    model = attach_lora(llama, LoraSettings(r=4, target_modules=["q_proj", "v_proj"]), "causal_lm")
+    model = attach_peft(llama, build_lora_config(LoraSettings(r=4, target_modules=["q_proj", "v_proj"]), "causal_lm"))
     return list(lora_layers(model))
 
 

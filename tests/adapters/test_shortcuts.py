@@ -12,11 +12,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from ranktune.adapters.layout import SHORTCUTS_CONFIG, SHORTCUTS_WEIGHTS, read_shortcut_ranks
 from ranktune.adapters.loading import load_adapter
+from ranktune.adapters.shortcut_types import ShortcutSpec
 from ranktune.adapters.shortcuts import find_shortcuts, install_shortcuts
 from ranktune.config import SHORTCUT_KINDS
 from ranktune.errors import UserInputError
 from ranktune.export import write_adapter
-from ranktune.models.module_settings import ShortcutSpec
 from tests.conftest import build_config, build_tokenizer
 
 VARIANTS = ("llama", "gpt2", "opt", "opt-post-ln", "bert")

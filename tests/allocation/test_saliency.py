@@ -126,8 +126,8 @@ def test_unknown_heuristic_is_named():
 
 
 def llama_with_trained_shortcuts(make_model_dir):
+    from ranktune.adapters.shortcut_types import ShortcutSpec
     from ranktune.adapters.shortcuts import install_shortcuts
-    from ranktune.models.module_settings import ShortcutSpec
 
     model, batches = llama_with_trained_b(make_model_dir)
     shortcuts = install_shortcuts(

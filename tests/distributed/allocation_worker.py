@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from ranktune import L1RAConfig, L1RATrainer
+from ranktune.adapters.shortcut_types import ShortcutSpec
 from ranktune.adapters.shortcuts import install_shortcuts
 from ranktune.allocation.adalora import AdaLoRASettings, AdaLoRAStrategy
 from ranktune.allocation.callback import AllocationCallback
@@ -28,7 +29,6 @@ from ranktune.allocation.components import install_gates
 from ranktune.allocation.hetero import HeteroSettings, HeteroStrategy
 from ranktune.allocation.saliency import first_batches
 from ranktune.config import SHORTCUT_KINDS
-from ranktune.models.module_settings import ShortcutSpec
 
 BLOCK = 24
 

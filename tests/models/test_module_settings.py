@@ -12,15 +12,15 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 
 from ranktune.adapters.lora import build_lora_config
+from ranktune.adapters.shortcut_types import ShortcutSpec
 from ranktune.config import LoraSettings, ShortcutSettings
 from ranktune.errors import UserInputError
 from ranktune.models.module_settings import (
-    ShortcutSpec,
     apply_module_dropouts,
-    read_reference_toml,
     resolve_lora_settings,
     resolve_shortcut_specs,
 )
+from ranktune.reference_toml import read_reference_toml
 from tests.conftest import build_config, build_tokenizer
 
 LLAMA_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")

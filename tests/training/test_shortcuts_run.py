@@ -116,7 +116,7 @@ def test_shortcut_misconfigurations_get_one_clear_message(make_model_dir, tmp_pa
 
 def test_shortcuts_under_gradient_checkpointing_get_the_same_gradients(make_model_dir, tmp_path):
     """shortcut2 reads the previous layer's activations: checkpointing must not cut that gradient path."""
-    from ranktune.training.allocation import attach_adapter
+    from ranktune.allocation.registry import BuildContext, build_adapter
     from ranktune.training.arguments import build_training_arguments
     from ranktune.training.run import prepare_run
 
@@ -129,7 +129,8 @@ def test_shortcuts_under_gradient_checkpointing_get_the_same_gradients(make_mode
         run = validate_config(config)
         prepared = prepare_run(run)
         args = build_training_arguments(run, tmp_path / "out", has_validation=False)
-        model, _ = attach_adapter(prepared.model, run, args, prepared.datasets["train"], None, tmp_path / "out")
+        context = BuildContext(args, prepared.datasets["train"], None, tmp_path / "out", seed=0)
+        model = build_adapter(prepared.model, run, context).model
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
         model.train()

@@ -119,10 +119,3 @@ def attach_peft(model: PreTrainedModel, peft_config: LoraConfig, gradient_checkp
     peft_model = get_peft_model(model, peft_config)
     warn_rank_above_width(peft_model)
     return peft_model
-
-
-def attach_lora(
-    model: PreTrainedModel, settings: LoraSettings, task: Task, gradient_checkpointing: bool = False
-) -> PeftModel:
-    """Wraps `model` with plain LoRA built from the `lora` config section."""
-    return attach_peft(model, build_lora_config(settings, task), gradient_checkpointing)

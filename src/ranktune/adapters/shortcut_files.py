@@ -27,11 +27,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ranktune.adapters.layout import SHORTCUTS_CONFIG, SHORTCUTS_WEIGHTS
+from ranktune.adapters.shortcut_types import SHORTCUT_KINDS, ShortcutSpec
 from ranktune.adapters.shortcuts import ShortcutSet, bare_model, install_shortcuts
-from ranktune.config import SHORTCUT_KINDS
 from ranktune.errors import UserInputError
 from ranktune.files import write_text_atomically
-from ranktune.models.module_settings import ShortcutSpec
 
 FORMAT = "ranktune-shortcuts-1"
 

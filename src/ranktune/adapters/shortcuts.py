@@ -27,10 +27,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ranktune.config import SHORTCUT_KINDS
+from ranktune.adapters.shortcut_types import SHORTCUT_KINDS, ShortcutSpec
 from ranktune.errors import UserInputError
 from ranktune.models.architectures import Architecture, architecture_of, hidden_size, transformer_layers
-from ranktune.models.module_settings import ShortcutSpec
 
 ATTRIBUTE = "ranktune_shortcuts"  # where the set hangs in the base model, so its parameters are the model's
 

@@ -17,36 +17,23 @@ components by zeroing entries of E: static shapes by construction. What PEFT lea
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from peft import AdaLoraConfig, LoraConfig, PeftModel
 from peft.tuners.adalora import AdaLoraLayer
 
-from ranktune.allocation.strategy import FoldedFactors
+from ranktune.allocation.methods.adalora import AdaLoRASettings
+from ranktune.allocation.strategy import FoldedFactors, HistoryRow, RankSnapshot, Totals
 from ranktune.errors import UserInputError
 
 ADAPTER = "default"
 RANKNUM_EPSILON = 1e-5  # PEFT's AdaLoRA divides by (ranknum + 1e-5)
 
 
-@dataclass(frozen=True)
-class AdaLoRASettings:
-    """AdaLoRA's knobs under PEFT's names; `tinit` and `tfinal` are steps (int) or fractions of the run (float < 1)."""
-
-    init_r: int
-    target_r: int
-    tinit: int | float = 0.1
-    tfinal: int | float = 0.2
-    deltaT: int = 10
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-
-
 def schedule_steps(settings: AdaLoRASettings, total_steps: int) -> tuple[int, int]:
-    """(tinit, tfinal) in optimizer steps for a run of `total_steps`.
+    """(tinit, tfinal) in optimizer steps for a run of `total_steps`; `settings` have init_r and target_r set
+    (`AdaLoRASettings.with_ranks`).
 
     Raises:
         UserInputError: the schedule leaves no step for the budget to shrink.
@@ -100,6 +87,7 @@ class AdaLoRAStrategy:
     """Drives PEFT's RankAllocator at optimizer-step boundaries and exports its result as vanilla LoRA."""
 
     name = "adalora"
+    history_files = ()
 
     def __init__(self, model: PeftModel, settings: AdaLoRASettings) -> None:
         self.settings = settings
@@ -119,7 +107,7 @@ class AdaLoRAStrategy:
             if ("lora_A" in name or "lora_B" in name) and ADAPTER in name and p.requires_grad
         ]
 
-    def start(self, total_steps: int, warmup_steps: int, resuming: bool = False) -> dict[str, Any] | None:
+    def start(self, total_steps: int, warmup_steps: int, resuming: bool = False) -> HistoryRow | None:
         """Sets `total_step` to the Trainer's run length (AdaLoRA's own `tinit` replaces warm-up)."""
         tinit, tfinal = schedule_steps(self.settings, total_steps)
         self.config.total_step, self.config.tinit, self.config.tfinal = total_steps, tinit, tfinal
@@ -144,7 +132,7 @@ class AdaLoRAStrategy:
         for parameter, grad in zip(factors, grads, strict=True):
             parameter.grad = grad if parameter.grad is None else parameter.grad.add_(grad)
 
-    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> dict[str, Any] | None:
+    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> HistoryRow | None:
         """PEFT's three phases: score and mask on the budget schedule, fix the final mask, then keep re-applying it."""
         final_start = self.config.total_step - self.config.tfinal
         model = self.tuner.model
@@ -160,7 +148,7 @@ class AdaLoRAStrategy:
         if masks is None:
             return None
         self.masks = masks
-        return {"step": step, "budget": budget, **self.summary()}
+        return HistoryRow(step, self.summary(), {"budget": budget})
 
     def ranks(self) -> dict[str, int]:
         """Each module's rank under the latest mask (init_r before the first)."""
@@ -168,14 +156,13 @@ class AdaLoRAStrategy:
             return {name: int(layer.r[ADAPTER]) for name, layer in self.layers.items()}
         return {name: sum(self.masks[f"{name}.lora_E.{ADAPTER}"]) for name in self.layers}
 
-    def totals(self) -> dict[str, int]:
+    def totals(self) -> Totals:
         ranks = self.ranks()
-        return {
-            "total_rank": sum(ranks.values()),
-            "active_parameters": sum(rank * _component_cost(self.layers[name]) for name, rank in ranks.items()),
-        }
+        return Totals(
+            sum(ranks.values()), sum(rank * _component_cost(self.layers[name]) for name, rank in ranks.items())
+        )
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> RankSnapshot:
         """Per-module rank and statistics of |E| (AdaLoRA's singular values, its gates) over the kept components."""
         modules = {}
         for name, rank in self.ranks().items():
@@ -186,7 +173,7 @@ class AdaLoRAStrategy:
             if rank:
                 stats.update(gate_min=float(values.min()), gate_mean=float(values.mean()), gate_max=float(values.max()))
             modules[name] = stats
-        return {**self.totals(), "modules": modules}
+        return RankSnapshot(self.totals(), modules)
 
     @torch.no_grad()
     def folded_factors(self) -> FoldedFactors:

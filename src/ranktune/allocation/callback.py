@@ -11,13 +11,11 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ranktune.adapters.layout import REALLOCATION_HISTORY
-from ranktune.allocation.strategy import AllocationStrategy
+from ranktune.allocation.strategy import AllocationStrategy, HistoryRow
 from ranktune.errors import UserInputError
 from ranktune.files import drop_records_after
 
@@ -38,27 +36,33 @@ class AllocationCallback(TrainerCallback):
         self.history_path = history_path
         self.resume_from: str | None = None
 
-    def _record(self, state: TrainerState, record: dict[str, Any]) -> None:
-        """Appends to rank_history.jsonl; HeteroLoRA's per-module rows go to reallocation_history.jsonl beside it."""
+    def _history_paths(self) -> list[Path]:
+        """rank_history.jsonl and the files of the strategy's own beside it."""
+        assert self.history_path is not None
+        return [self.history_path, *(self.history_path.parent / name for name in self.strategy.history_files)]
+
+    def _record(self, state: TrainerState, row: HistoryRow) -> None:
+        """Appends the row to rank_history.jsonl and its extra rows to the strategy's own files."""
         if self.history_path is None or not state.is_world_process_zero:
             return
-        rows = record.pop("reallocation", [])
         with self.history_path.open("a", encoding="utf-8") as stream:
-            stream.write(json.dumps(record) + "\n")
-        if rows:
-            with (self.history_path.parent / REALLOCATION_HISTORY).open("a", encoding="utf-8") as stream:
-                stream.writelines(json.dumps(row) + "\n" for row in rows)
+            stream.write(json.dumps(row.as_json()) + "\n")
+        for name, rows in row.extra_rows.items():
+            if name not in self.strategy.history_files:
+                raise ValueError(f"{self.strategy.name} wrote rows for {name}, which is not in its history_files")
+            with (self.history_path.parent / name).open("a", encoding="utf-8") as stream:
+                stream.writelines(json.dumps(extra) + "\n" for extra in rows)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         resuming = self.resume_from is not None
         if resuming and self.history_path is not None and state.is_world_process_zero:
-            for path in (self.history_path, self.history_path.parent / REALLOCATION_HISTORY):
+            for path in self._history_paths():
                 drop_records_after(path, state.global_step)
         first = self.strategy.start(state.max_steps, args.get_warmup_steps(state.max_steps), resuming)
         if resuming:
             load_allocation_state(self.strategy, Path(self.resume_from) / ALLOCATION_STATE)
         elif state.global_step == 0:
-            self._record(state, first or {"step": 0, **self.strategy.summary()})
+            self._record(state, first or HistoryRow(0, self.strategy.summary()))
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.strategy.before_optimizer_step()
@@ -71,8 +75,8 @@ class AllocationCallback(TrainerCallback):
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if logs is not None and "loss" in logs:
             totals = self.strategy.totals()
-            logs["active_rank"] = totals["total_rank"]
-            logs["active_parameters"] = totals["active_parameters"]
+            logs["active_rank"] = totals.total_rank
+            logs["active_parameters"] = totals.active_parameters
 
     def write_checkpoint(self, folder: Path) -> None:
         """Saves the strategy's state into a checkpoint folder (called by the trainer before its own files)."""

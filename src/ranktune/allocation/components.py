@@ -158,16 +158,6 @@ def install_gates(model: nn.Module, capacity: int | dict[str, int]) -> list[Gate
     return gated
 
 
-def find_gated_modules(model: nn.Module) -> list[GatedModule]:
-    """The gated modules already installed in a model (after a reload, for instance)."""
-    found = []
-    for name, layer in model.named_modules():
-        if isinstance(layer, LoraLayer) and isinstance(layer.lora_A.get(ADAPTER), GatedLoraA):
-            lora_a = layer.lora_A[ADAPTER]
-            found.append(GatedModule(_module_path(name), layer, lora_a, layer.lora_B[ADAPTER], lora_a.rank))
-    return found
-
-
 def _module_path(name: str) -> str:
     """The module's name in the base model, as PEFT's rank_pattern and target_modules use it."""
     return name.removeprefix("base_model.model.")

@@ -23,30 +23,29 @@ find_unused_parameters.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from peft import PeftModel
 
+from ranktune.adapters.layout import REALLOCATION_HISTORY
 from ranktune.adapters.shortcuts import LowRankShortcut, ShortcutSet
 from ranktune.allocation.components import GatedModule
+from ranktune.allocation.methods.hetero import HeteroSettings
 from ranktune.allocation.plan import select
 from ranktune.allocation.saliency import Batch, gradient_score, score_modules
-from ranktune.allocation.strategy import FoldedFactors
-from ranktune.config import Heuristic
+from ranktune.allocation.strategy import FoldedFactors, HistoryRow, RankSnapshot, Totals
 
 
 @dataclass(frozen=True)
-class HeteroSettings:
-    """The dynamic search's knobs; `every` is a fraction of an epoch (float below 1) or a step count (int)."""
+class ReallocationRow:
+    """One candidate at one reallocation: a line of reallocation_history.jsonl."""
 
-    heuristic: Heuristic = "grad_norm"
-    every: int | float = 0.2
-    keep: float = 0.25
-    batches: int = 32
-    online: bool = False
-    shortcuts_mode: Literal["combined", "separated", "off"] = "combined"
+    step: int
+    module: str
+    score: float
+    enabled: bool
 
 
 def reallocation_interval(every: int | float, steps_per_epoch: int) -> int:
@@ -60,6 +59,7 @@ class HeteroStrategy:
     """Enables the top-scoring fraction of the candidates at every reallocation; masks the rest."""
 
     name = "hetero"
+    history_files = (REALLOCATION_HISTORY,)
 
     def __init__(
         self,
@@ -98,7 +98,7 @@ class HeteroStrategy:
         connection = self.connections[name]
         return (connection.spec.r if self.enabled[name] else 0), 2 * connection.A.shape[1]
 
-    def start(self, total_steps: int, warmup_steps: int, resuming: bool = False) -> dict[str, Any] | None:
+    def start(self, total_steps: int, warmup_steps: int, resuming: bool = False) -> HistoryRow | None:
         """Offline search: the first selection, before the first step. Online search starts with every module on.
         A resumed run takes its selection from the checkpoint instead."""
         self.total_steps = total_steps
@@ -143,33 +143,30 @@ class HeteroStrategy:
         self.scores = score_modules(self.model, self.batches, self.settings.heuristic)
         return dict(self.scores)
 
-    def reallocate(self, step: int) -> dict[str, Any]:
-        """Scores the candidates and enables the top `keep`; returns the record for the histories."""
+    def reallocate(self, step: int) -> HistoryRow:
+        """Scores the candidates and enables the top `keep`; returns the row for the histories."""
         scores = self._current_scores()
         chosen = set(select(scores, self.settings.keep, self.settings.shortcuts_mode, self.seed * 1_000_003 + step))
         for name in self.enabled:
             self._set_enabled(name, name in chosen)
-        rows = [{"step": step, "module": n, "score": scores[n], "enabled": n in chosen} for n in self.enabled]
-        return {"step": step, **self.summary(), "reallocation": rows}
+        rows = [asdict(ReallocationRow(step, name, scores[name], name in chosen)) for name in self.enabled]
+        return HistoryRow(step, self.summary(), extra_rows={REALLOCATION_HISTORY: rows})
 
-    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> dict[str, Any] | None:
+    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> HistoryRow | None:
         if step % self.interval != 0 or step >= self.total_steps:
             return None
         return self.reallocate(step)
 
-    def totals(self) -> dict[str, int]:
+    def totals(self) -> Totals:
         sizes = [self._rank_and_cost(name) for name in self.enabled]
-        return {
-            "total_rank": sum(rank for rank, _ in sizes),
-            "active_parameters": sum(rank * cost for rank, cost in sizes),
-        }
+        return Totals(sum(rank for rank, _ in sizes), sum(rank * cost for rank, cost in sizes))
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> RankSnapshot:
         modules = {
             name: {"rank": self._rank_and_cost(name)[0], "score": self.scores[name], "enabled": self.enabled[name]}
             for name in self.enabled
         }
-        return {**self.totals(), "modules": modules}
+        return RankSnapshot(self.totals(), modules)
 
     def folded_factors(self) -> FoldedFactors:
         """Enabled LoRA modules at their full rank; disabled ones are left out of the adapter (they contribute 0).

@@ -10,7 +10,7 @@ every other component keeps its optimizer state.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -19,39 +19,29 @@ from peft import LoraConfig
 
 from ranktune.allocation.budget import Budget, ModuleState, RankPlan, plan_rank_update
 from ranktune.allocation.components import GatedModule, _init_reserve_rows
-from ranktune.allocation.strategy import FoldedFactors
+from ranktune.allocation.methods.l1ra import L1RASettings
+from ranktune.allocation.strategy import FoldedFactors, HistoryRow, RankSnapshot, Totals
 
-
-@dataclass(frozen=True)
-class L1RASettings:
-    """The L1RA knobs, named as in the reference implementation."""
-
-    l1ra_lambda: float = 1e-3
-    eta_c: float = 1e-2
-    rank_update_ratio: float = 0.1
-    prune_threshold: float = 0.0
-    reassign: bool = True
-    exclude_pruned: bool = True
-    budget: Budget = "ranks"
-    min_rank: int = 1
+_DEFAULTS = {name: field.default for name, field in L1RASettings.model_fields.items()}
 
 
 @dataclass
 class L1RAConfig(LoraConfig):
     """A `peft.LoraConfig` plus the L1RA knobs: the drop-in config of `L1RATrainer` / `L1RASFTTrainer`.
 
-    `max_rank` is each module's fixed capacity (default 2 × r); the rest are as in `L1RASettings`.
+    The knobs, their defaults and their ranges are `L1RASettings`' (the YAML's `allocation` section); `settings()`
+    validates them there. `max_rank` is each module's fixed capacity (default 2 × r).
     """
 
-    l1ra_lambda: float = L1RASettings.l1ra_lambda
-    eta_c: float = L1RASettings.eta_c
-    rank_update_ratio: float = L1RASettings.rank_update_ratio
-    prune_threshold: float = L1RASettings.prune_threshold
-    reassign: bool = L1RASettings.reassign
-    exclude_pruned: bool = L1RASettings.exclude_pruned
-    budget: Budget = L1RASettings.budget
-    max_rank: int | None = None
-    min_rank: int = L1RASettings.min_rank
+    l1ra_lambda: float = _DEFAULTS["l1ra_lambda"]
+    eta_c: float = _DEFAULTS["eta_c"]
+    rank_update_ratio: float = _DEFAULTS["rank_update_ratio"]
+    prune_threshold: float = _DEFAULTS["prune_threshold"]
+    reassign: bool = _DEFAULTS["reassign"]
+    exclude_pruned: bool = _DEFAULTS["exclude_pruned"]
+    budget: Budget = _DEFAULTS["budget"]
+    max_rank: int | None = _DEFAULTS["max_rank"]
+    min_rank: int = _DEFAULTS["min_rank"]
 
     def lora_config(self) -> LoraConfig:
         """The plain LoraConfig part, which PEFT wraps the model with."""
@@ -59,11 +49,13 @@ class L1RAConfig(LoraConfig):
         return LoraConfig(**{k: v for k, v in self.__dict__.items() if k in lora_fields})
 
     def settings(self) -> L1RASettings:
-        return L1RASettings(**{f.name: getattr(self, f.name) for f in fields(L1RASettings)})
+        """The L1RA knobs, validated as the YAML's are."""
+        knobs = set(L1RASettings.model_fields) - {"method"}
+        return L1RASettings(**{name: getattr(self, name) for name in knobs})
 
     @property
     def capacity(self) -> int:
-        return self.max_rank or 2 * self.r
+        return self.settings().capacity(self.r)
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, parameter: torch.Tensor, index: torch.Tensor, dim: int):
@@ -85,6 +77,7 @@ class L1RAStrategy:
     """Drives the gates of the gated modules: proximal L1 steps every step, prune and reassign on schedule."""
 
     name = "l1ra"
+    history_files = ()
 
     def __init__(self, modules: list[GatedModule], settings: L1RASettings, seed: int = 0) -> None:
         self.modules = modules
@@ -97,7 +90,7 @@ class L1RAStrategy:
         self.first_update = 1
         self.total_steps = 0
 
-    def start(self, total_steps: int, warmup_steps: int, resuming: bool = False) -> dict[str, Any] | None:
+    def start(self, total_steps: int, warmup_steps: int, resuming: bool = False) -> HistoryRow | None:
         """Switches the gates' gradients on and fixes the rank-update schedule: every ratio · total steps, none at
         step 0 or during warm-up. Called once the Trainer has built its optimizer (which must not hold the gates).
         """
@@ -132,8 +125,8 @@ class L1RAStrategy:
             gate.clamp_(0.0, 1.0)
             gate.grad = None
 
-    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> dict[str, Any] | None:
-        """Called after optimizer.step() and before zero_grad; returns a record when ranks were updated."""
+    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> HistoryRow | None:
+        """Called after optimizer.step() and before zero_grad; returns a row when ranks were updated."""
         self.gate_step()
         if not self.is_update_step(step):
             return None
@@ -147,8 +140,8 @@ class L1RAStrategy:
             carried=self.unspent,
         )
         self.apply(plan, optimizer)
-        record = {"step": step, **self.summary(), "pruned": _count(plan.pruned), "added": _count(plan.added)}
-        return {**record, "unspent": self.unspent}
+        counts = {"pruned": _count(plan.pruned), "added": _count(plan.added), "unspent": self.unspent}
+        return HistoryRow(step, self.summary(), counts)
 
     @torch.no_grad()
     def apply(self, plan: RankPlan, optimizer: torch.optim.Optimizer | None) -> None:
@@ -175,14 +168,11 @@ class L1RAStrategy:
             by_name[name].lora_A.refresh()
         self.unspent = plan.unspent
 
-    def totals(self) -> dict[str, int]:
-        """Total active rank and active trainable parameters, from the cached ranks (no tensor work)."""
-        return {
-            "total_rank": sum(m.rank for m in self.modules),
-            "active_parameters": sum(m.rank * m.cost for m in self.modules),
-        }
+    def totals(self) -> Totals:
+        """From the cached ranks (no tensor work)."""
+        return Totals(sum(m.rank for m in self.modules), sum(m.rank * m.cost for m in self.modules))
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> RankSnapshot:
         """Per-module rank and gate statistics, plus totals."""
         modules = {}
         for m in self.modules:
@@ -191,7 +181,7 @@ class L1RAStrategy:
             if len(active):
                 stats.update(gate_min=float(active.min()), gate_mean=float(active.mean()), gate_max=float(active.max()))
             modules[m.name] = stats
-        return {**self.totals(), "modules": modules}
+        return RankSnapshot(self.totals(), modules)
 
     def folded_factors(self) -> FoldedFactors:
         return {m.name: m.folded() for m in self.modules}
@@ -199,7 +189,7 @@ class L1RAStrategy:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs beyond the model tensors (gates and masks travel with the adapter weights)."""
         return {
-            "settings": asdict(self.settings),
+            "settings": self.settings.model_dump(),
             "gate_optimizer": self.gate_optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "unspent": self.unspent,

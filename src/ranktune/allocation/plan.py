@@ -16,15 +16,11 @@ import random
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ranktune.adapters.layout import layer_of
-from ranktune.config import SHORTCUT_KINDS, LoraSettings, UniqueKeyLoader
+from ranktune.adapters.shortcut_types import is_shortcut
+from ranktune.allocation.plan_file import read_yaml_mapping
 from ranktune.errors import UserInputError
-from ranktune.models.module_settings import ShortcutSpec
 
 SCORES_FORMAT = "ranktune-saliency-1"
-PLAN_FORMAT = "ranktune-plan-1"
 
 
 def rank_order(scores: dict[str, float], seed: int) -> list[str]:
@@ -32,11 +28,6 @@ def rank_order(scores: dict[str, float], seed: int) -> list[str]:
     draw = random.Random(seed)
     tie_break = {name: draw.random() for name in sorted(scores)}
     return sorted(scores, key=lambda name: (-scores[name], tie_break[name]))
-
-
-def is_shortcut(name: str) -> bool:
-    """Whether a candidate's name is a shortcut connection's (`model.layers.3.residual1`)."""
-    return name.rsplit(".", 1)[-1] in SHORTCUT_KINDS
 
 
 def keep_counts(lora_count: int, shortcut_count: int, keep: float, mode: str) -> tuple[int, int]:
@@ -139,98 +130,8 @@ def read_scores(path: str | Path) -> dict[str, Any]:
     Raises:
         UserInputError: missing, malformed or not a saliency file.
     """
-    data = _read_yaml(path, "scores file")
+    data = read_yaml_mapping(path, "scores file")
     modules = data.get("modules")
     if data.get("format") != SCORES_FORMAT or not isinstance(modules, dict) or not modules:
         raise UserInputError(f"'{path}' is not a `ranktune saliency` output (expected format: {SCORES_FORMAT})")
     return data
-
-
-def read_plan(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Reads a `ranktune plan` output: {module: {"enabled": bool, "rank": int}}.
-
-    Raises:
-        UserInputError: missing, malformed, not a plan, or a plan that enables nothing.
-    """
-    data = _read_yaml(path, "lora.plan")
-    modules = data.get("modules")
-    if data.get("format") != PLAN_FORMAT or not isinstance(modules, dict):
-        raise UserInputError(f"lora.plan: '{path}' is not a `ranktune plan` output (expected format: {PLAN_FORMAT})")
-    for name, entry in modules.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("enabled"), bool):
-            raise UserInputError(f"lora.plan: module '{name}' in '{path}' needs enabled: true|false")
-        if entry["enabled"] and (not isinstance(entry.get("rank"), int) or entry["rank"] <= 0):
-            raise UserInputError(f"lora.plan: enabled module '{name}' in '{path}' needs a rank > 0")
-    if not any(entry["enabled"] for entry in modules.values()):
-        raise UserInputError(f"lora.plan: '{path}' enables no module")
-    return modules
-
-
-def _read_yaml(path: str | Path, what: str) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
-    except FileNotFoundError:
-        raise UserInputError(f"{what}: '{path}' does not exist") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise UserInputError(f"{what}: cannot read '{path}': {error}") from None
-    if not isinstance(data, dict):
-        raise UserInputError(f"{what}: '{path}' must hold a mapping")
-    return data
-
-
-def planned_lora(settings: LoraSettings) -> LoraSettings:
-    """The `lora` section with its plan applied: the enabled modules as exact targets at their planned ranks.
-
-    Every module keeps the pool's scale (alpha / r; alpha / sqrt(r) with rslora) through alpha_pattern, so a
-    redistributed rank changes how many components a module has, not how strongly each counts.
-    """
-    if settings.plan is None:
-        return settings
-    plan = read_plan(settings.plan)
-    enabled = {name: entry["rank"] for name, entry in plan.items() if entry["enabled"] and not is_shortcut(name)}
-    if not enabled:
-        raise UserInputError(f"lora.plan: '{settings.plan}' enables no LoRA module")
-
-    def growth(rank: int) -> float:  # PEFT's scaling is alpha / rank, or alpha / sqrt(rank) with rslora
-        return math.sqrt(rank / settings.r) if settings.rslora else rank / settings.r
-
-    return settings.model_copy(
-        update={
-            "target_modules": sorted(enabled),
-            "exclude_modules": None,
-            "rank_pattern": enabled,
-            "alpha_pattern": {name: settings.alpha * growth(rank) for name, rank in enabled.items()},
-        }
-    )
-
-
-def plan_has_shortcuts(plan_path: str) -> bool:
-    """Whether a plan was made from scores that include shortcut connections."""
-    return any(is_shortcut(name) for name in read_plan(plan_path))
-
-
-def planned_shortcuts(
-    plan_path: str, specs: dict[tuple[int, str], ShortcutSpec]
-) -> dict[tuple[int, str], ShortcutSpec]:
-    """The shortcut connections a plan enables, at their planned ranks with the pool's scale (alpha / r) kept.
-
-    A plan without shortcut entries (scored without shortcuts) leaves the configured connections as they are.
-
-    Raises:
-        UserInputError: the plan names a connection the `shortcuts` section does not configure.
-    """
-    entries = {name: entry for name, entry in read_plan(plan_path).items() if is_shortcut(name)}
-    if not entries:
-        return specs
-    planned = {}
-    for name, entry in entries.items():
-        key = (layer_of(name), name.rsplit(".", 1)[-1])
-        if key not in specs:
-            raise UserInputError(f"lora.plan: '{plan_path}' enables shortcut '{name}', which the shortcuts section "
-                                 "does not configure")  # fmt: skip
-        if entry["enabled"]:
-            spec = specs[key]
-            rank = entry["rank"]
-            planned[key] = ShortcutSpec(rank, spec.alpha * rank / spec.r, spec.dropout)
-    return {key: planned[key] for key in specs if key in planned}

@@ -32,7 +32,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ranktune.adapters.shortcuts import find_shortcuts
-from ranktune.config import HEURISTICS
+from ranktune.allocation.methods.hetero import HEURISTICS
 
 ADAPTER = "default"
 ALPHAS = tuple(i / 10 for i in range(11))

@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ranktune.allocation.plan import PLAN_FORMAT, make_plan, read_scores
+    from ranktune.allocation.plan import make_plan, read_scores
+    from ranktune.allocation.plan_file import PLAN_FORMAT
     from ranktune.files import write_text_atomically
 
     if not args.out.endswith((".yaml", ".yml")):

@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from ranktune.config import HEURISTICS, load_config
+from ranktune.allocation.methods.hetero import HEURISTICS
+from ranktune.config import load_config
 from ranktune.errors import UserInputError
 from ranktune.files import check_output_file
 
@@ -53,11 +54,11 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.out, "--out", inputs)
     import torch
 
+    from ranktune.adapters.configured import attach_configured_lora
     from ranktune.allocation.plan import SCORES_FORMAT
     from ranktune.allocation.saliency import candidates, first_batches, score_modules
     from ranktune.data import build_collator
     from ranktune.files import write_text_atomically
-    from ranktune.training.allocation import attach_configured_lora
     from ranktune.training.run import prepare_run
 
     run_parts = prepare_run(config)

@@ -27,9 +27,11 @@ TRAINER_STATE = TRAINER_STATE_NAME  # the last file the Trainer writes into a ch
 
 @runtime_checkable
 class CheckpointWriter(Protocol):
-    """A Trainer callback that keeps files of its own in every checkpoint."""
+    """A Trainer callback that keeps files of its own in every checkpoint, and reads them back on resume."""
 
     checkpoint_files: tuple[str, ...]
+    resume_from: str | None
+    """The checkpoint folder the run resumes from (set by the trainer's `train`), else None."""
 
     def write_checkpoint(self, folder: Path) -> None:
         """Writes `checkpoint_files` into the checkpoint `folder`."""
@@ -48,6 +50,13 @@ class CheckpointFilesFirst:
     def checkpoint_files(self) -> list[str]:
         """Files a complete checkpoint holds besides trainer_state.json: the adapter weights and the writers' files."""
         return [ADAPTER_WEIGHTS, *(name for writer in self.checkpoint_writers() for name in writer.checkpoint_files)]
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """Tells the writers which checkpoint folder to read their files from, then trains."""
+        if isinstance(resume_from_checkpoint, str):
+            for writer in self.checkpoint_writers():
+                writer.resume_from = resume_from_checkpoint
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         if self.args.should_save:

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, set_seed
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ranktune.adapters.layout import RANK_HISTORY, RUN_INFO
 from ranktune.adapters.shortcuts import find_shortcuts
-from ranktune.allocation.plan import read_plan
+from ranktune.allocation.callback import AllocationCallback
+from ranktune.allocation.registry import AdaptedModel, BuildContext, build_adapter, method_of
 from ranktune.config import DataConfig, RunConfig
 from ranktune.data import build_collator, detect_format, load_splits, prepare_causal_lm, prepare_classification
 from ranktune.errors import RanktuneError, UserInputError
@@ -21,7 +30,6 @@ from ranktune.evaluation import evaluate, format_metrics, trainer_classification
 from ranktune.export import write_adapter
 from ranktune.models import load_base_model, load_tokenizer, resolve_model_path
 from ranktune.models.loading import load_model_config
-from ranktune.training.allocation import attach_adapter
 from ranktune.training.arguments import build_training_arguments, validate_training_arguments
 from ranktune.training.callbacks import MetricsLogger, ShortcutCheckpoints, StopOnSignal
 from ranktune.training.checkpoints import checkpoints_newest_first, resume_message, select_resume_checkpoint
@@ -154,78 +162,146 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
 
 
 def _train_in(config: RunConfig, output_dir: Path, resume: bool, earlier: EarlierRun) -> TrainResult:
-    """`train` inside a checked, locked output_dir."""
-    checkpoint = None
+    """`train` inside a checked, locked output_dir, step by step."""
     if resume:
-        found = checkpoints_newest_first(output_dir)  # which one is complete is decided once the Trainer exists
-        if not found:
-            raise UserInputError(f"--resume: no checkpoint-N folder in '{output_dir}' to resume from")
-        checkpoint = str(found[0])
-    task = config.model.task
-    if config.lora.plan:
-        read_plan(config.lora.plan)  # a bad plan fails before the data and the model are loaded
+        require_checkpoint(output_dir)  # which one is complete is decided once the Trainer knows its files
     run = prepare_run(config)
-    model_path, tokenizer, datasets, label_names = run.model_path, run.tokenizer, run.datasets, run.label_names
-    data_format, model = run.data_format, run.model
-    args = build_training_arguments(config, output_dir, has_validation="validation" in datasets)
-    collator = build_collator(tokenizer, task, packing=config.data.packing)
-    model, allocation = attach_adapter(model, config, args, datasets["train"], collator, output_dir)
-    shortcuts = find_shortcuts(model)
-    trainable, total = model.get_nb_trainable_parameters()
+    args = build_training_arguments(config, output_dir, has_validation="validation" in run.datasets)
+    collator = build_collator(run.tokenizer, config.model.task, packing=config.data.packing)
+    adapted = build_model_and_adapter(config, run, args, collator, output_dir)
+    session = build_trainer(config, run, adapted, args, collator, output_dir)
+    test_before = None if resume else session.test_metrics()
+    if test_before:
+        _log(f"test before training: {format_metrics(test_before)}")
+    checkpoint = choose_resume_checkpoint(session.trainer, output_dir) if resume else None
+    earlier.set_aside()
+    if session.main_process:
+        save_resolved_config(config, output_dir)
+    metrics = run_training(session, checkpoint, output_dir)
+    test_after = session.test_metrics()
+    if test_after:
+        _log(f"test after training:  {format_metrics(test_after)}")
+    if not session.main_process:
+        return TrainResult(output_dir, metrics)
+    report = {"metrics": metrics, "test_before": test_before, "test_after": test_after}
+    info = export_adapter(config, run, session, output_dir, report)
+    return TrainResult(output_dir, metrics, test_before, test_after, info)
+
+
+def require_checkpoint(output_dir: Path) -> None:
+    """--resume needs at least one checkpoint-N folder; checked before anything is loaded.
+
+    Raises:
+        UserInputError: output_dir holds none.
+    """
+    if not checkpoints_newest_first(output_dir):
+        raise UserInputError(f"--resume: no checkpoint-N folder in '{output_dir}' to resume from")
+
+
+def build_model_and_adapter(
+    config: RunConfig, run: PreparedRun, args: TrainingArguments, collator: Callable, output_dir: Path
+) -> AdaptedModel:
+    """The base model wrapped by the config's allocation method (LoRA, shortcut connections, the strategy)."""
+    context = BuildContext(args, run.datasets["train"], collator, output_dir, seed=int(config.training.get("seed", 42)))
+    adapted = build_adapter(run.model, config, context)
+    trainable, total = adapted.model.get_nb_trainable_parameters()
     _log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    shortcuts = find_shortcuts(adapted.model)
     if shortcuts is not None:
         count = sum(1 for _ in shortcuts.named_connections())
         _log(f"shortcut connections: {count} ({sum(p.numel() for p in shortcuts.parameters()):,} parameters)")
-    if allocation:
-        active = allocation.strategy.totals()
-        _log(
-            f"{allocation.strategy.name}: total rank {active['total_rank']:,} before the first allocation "
-            f"({active['active_parameters']:,} rank-component parameters; the rest is fixed capacity); "
-            f"{RANK_HISTORY} records every change"
-        )
-    num_labels = len(label_names) if label_names else None
-    stopper = StopOnSignal()
-    trainer = RanktuneTrainer(
-        model=model,
-        args=args,
-        train_dataset=datasets["train"],
-        eval_dataset=datasets.get("validation"),
-        data_collator=collator,
-        processing_class=tokenizer,
-        compute_metrics=trainer_classification_metrics(num_labels) if num_labels else None,
-        callbacks=[stopper],
-    )
-    # First in line, so the values they add to a log event reach metrics.jsonl and the console.
-    trainer.callback_handler.callbacks.insert(0, MetricsLogger(output_dir / METRICS_LOG, task == "causal_lm"))
-    if allocation:
-        trainer.callback_handler.callbacks.insert(0, allocation.callback)
-    shortcut_checkpoints = ShortcutCheckpoints(shortcuts) if shortcuts is not None else None
-    if shortcut_checkpoints:
-        trainer.add_callback(shortcut_checkpoints)
-    main_process = trainer.is_world_process_zero()
+    if adapted.strategy is not None:
+        totals = adapted.strategy.totals()
+        if method_of(config.allocation).capabilities.moves_ranks == "during_training":
+            _log(
+                f"{adapted.strategy.name}: total rank {totals.total_rank:,} before the first allocation "
+                f"({totals.active_parameters:,} rank-component parameters; the rest is fixed capacity); "
+                f"{RANK_HISTORY} records every change"
+            )
+        else:
+            _log(
+                f"{adapted.strategy.name}: total rank {totals.total_rank:,} chosen before step 0 "
+                f"({totals.active_parameters:,} rank-component parameters)"
+            )
+    return adapted
 
-    test = datasets.get("test")
-    eval_batch = args.per_device_eval_batch_size
+
+@dataclass
+class TrainingSession:
+    """A Trainer ready to run, with what the steps after training need from its construction."""
+
+    trainer: RanktuneTrainer
+    adapted: AdaptedModel
+    stopper: StopOnSignal
+    test_metrics: Callable[[], dict[str, Any] | None]
+    trainable_parameters: int
+    """Counted before training (L1RA's gates become trainable when it starts)."""
+
+    @property
+    def main_process(self) -> bool:
+        return self.trainer.is_world_process_zero()
+
+
+def build_trainer(
+    config: RunConfig,
+    run: PreparedRun,
+    adapted: AdaptedModel,
+    args: TrainingArguments,
+    collator: Callable,
+    output_dir: Path,
+) -> TrainingSession:
+    """The Trainer and its callbacks, in the order they run.
+
+    The allocation callback and the metrics logger run before the Trainer's own callbacks, so the values they add to
+    a log event reach metrics.jsonl and the console; the signal handler and the shortcut checkpoints run after.
+    """
+    task = config.model.task
+    num_labels = len(run.label_names) if run.label_names else None
+    shortcuts = find_shortcuts(adapted.model)
+    stopper = StopOnSignal()
+    first: list[TrainerCallback] = []
+    if adapted.strategy is not None:
+        first.append(AllocationCallback(adapted.strategy, output_dir / RANK_HISTORY))
+    first.append(MetricsLogger(output_dir / METRICS_LOG, task == "causal_lm"))
+    last: list[TrainerCallback] = [stopper]
+    if shortcuts is not None:
+        last.append(ShortcutCheckpoints(shortcuts))
+    trainer = RanktuneTrainer(
+        model=adapted.model,
+        args=args,
+        train_dataset=run.datasets["train"],
+        eval_dataset=run.datasets.get("validation"),
+        data_collator=collator,
+        processing_class=run.tokenizer,
+        compute_metrics=trainer_classification_metrics(num_labels) if num_labels else None,
+        callbacks=last,
+    )
+    trainer.callback_handler.callbacks[:0] = first
+    test = run.datasets.get("test")
 
     def test_metrics() -> dict[str, Any] | None:
-        if test is None or not main_process:
+        if test is None or not trainer.is_world_process_zero():
             return None
-        return evaluate(model, test, collator, task, num_labels, eval_batch)
+        return evaluate(adapted.model, test, collator, task, num_labels, args.per_device_eval_batch_size)
 
-    test_before = None if resume else test_metrics()
-    if test_before:
-        _log(f"test before training: {format_metrics(test_before)}")
-    if checkpoint is not None:  # the newest whose files were all written (a kill can leave a newer one half-saved)
-        chosen, skipped = select_resume_checkpoint(output_dir, trainer.checkpoint_files())
-        _log(resume_message(chosen, skipped))
-        checkpoint = str(chosen)
-    if allocation and checkpoint:
-        allocation.callback.resume_from = checkpoint
-    if shortcut_checkpoints and checkpoint:
-        shortcut_checkpoints.resume_from = checkpoint
-    earlier.set_aside()
-    if main_process:
-        save_resolved_config(config, output_dir)
+    trainable = adapted.model.get_nb_trainable_parameters()[0]
+    return TrainingSession(trainer, adapted, stopper, test_metrics, trainable)
+
+
+def choose_resume_checkpoint(trainer: RanktuneTrainer, output_dir: Path) -> str:
+    """The newest checkpoint whose files were all written (a kill can leave a newer one half-saved)."""
+    chosen, skipped = select_resume_checkpoint(output_dir, trainer.checkpoint_files())
+    _log(resume_message(chosen, skipped))
+    return str(chosen)
+
+
+def run_training(session: TrainingSession, checkpoint: str | None, output_dir: Path) -> dict[str, Any]:
+    """Trains (from `checkpoint` if given); returns the training metrics and the final validation metrics.
+
+    Raises:
+        TrainingInterrupted: a signal stopped training before the last step; a checkpoint was saved.
+    """
+    trainer, stopper = session.trainer, session.stopper
     try:
         train_output = trainer.train(resume_from_checkpoint=checkpoint)
     finally:
@@ -236,23 +312,23 @@ def _train_in(config: RunConfig, output_dir: Path, resume: bool, earlier: Earlie
             f"training stopped by signal {stopper.received}; checkpoint saved to {last}; "
             "continue with `ranktune train CONFIG --resume`"
         )  # a signal after the last step stops nothing: the adapter is written as usual
-    metrics = {**train_output.metrics, **_final_validation(trainer, "validation" in datasets)}
-    test_after = test_metrics()
-    if test_after:
-        _log(f"test after training:  {format_metrics(test_after)}")
-    if not main_process:
-        return TrainResult(output_dir, metrics)
+    return {**train_output.metrics, **_final_validation(trainer, trainer.eval_dataset is not None)}
 
+
+def export_adapter(
+    config: RunConfig, run: PreparedRun, session: TrainingSession, output_dir: Path, report: dict[str, Any]
+) -> dict[str, Any]:
+    """Writes the adapter, its shortcut connections and ranktune.json into output_dir; returns ranktune.json's
+    content. `report`: the metrics and test results to record."""
+    model, strategy = session.adapted.model, session.adapted.strategy
     extra = {
-        "task": task,
-        "base_model_path": model_path,
-        "label_names": label_names,
-        "data_format": data_format,
+        "task": config.model.task,
+        "base_model_path": run.model_path,
+        "label_names": run.label_names,
+        "data_format": run.data_format,
         "allocation": config.allocation.method,
-        "trainable_parameters": trainable,
-        "metrics": metrics,
-        "test_before": test_before,
-        "test_after": test_after,
+        "trainable_parameters": session.trainable_parameters,
+        **report,
     }
     info: dict[str, Any] = {}
 
@@ -260,7 +336,7 @@ def _train_in(config: RunConfig, output_dir: Path, resume: bool, earlier: Earlie
         info.update(run_info(staged, config, extra))
         return {RUN_INFO: info}
 
-    factors = allocation.strategy.folded_factors() if allocation else None
-    write_adapter(model, tokenizer, output_dir, factors=factors, sidecars=sidecars, shortcuts=shortcuts)
+    factors = strategy.folded_factors() if strategy is not None else None
+    write_adapter(model, run.tokenizer, output_dir, factors=factors, sidecars=sidecars, shortcuts=find_shortcuts(model))
     _log(f"adapter saved to {output_dir}")
-    return TrainResult(output_dir, metrics, test_before, test_after, info)
+    return info

@@ -1,0 +1,75 @@
+"""HeteroLoRA's dynamic search: every `every` steps, score the LoRA modules and enable the top `keep` fraction."""
+
+from __future__ import annotations
+
+import typing
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, model_validator
+
+from ranktune.allocation.registry import (
+    AdaptedModel,
+    BuildContext,
+    Capabilities,
+    MethodSettings,
+    StepsOrFraction,
+    register_allocation_method,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from ranktune.config import RunConfig
+
+Heuristic = Literal["constant", "grad_norm", "snip", "synflow", "alpha_test"]
+HEURISTICS: tuple[str, ...] = typing.get_args(Heuristic)
+
+
+class HeteroSettings(MethodSettings):
+    """The dynamic search's knobs.
+
+    `every` is a fraction of an epoch (float below 1) or a number of optimizer steps (int). `online: true` scores
+    from the training gradients themselves (grad_norm or snip) instead of `batches` extra forward/backward passes.
+    """
+
+    method: Literal["hetero"] = "hetero"
+    heuristic: Heuristic = "grad_norm"
+    every: StepsOrFraction = Field(default=0.2, gt=0)
+    keep: float = Field(default=0.25, gt=0.0, le=1.0)
+    batches: int = Field(default=32, gt=0)
+    online: bool = False
+    shortcuts_mode: Literal["combined", "separated", "off"] = "combined"
+
+    @model_validator(mode="after")
+    def _online_needs_gradients(self) -> HeteroSettings:
+        if self.online and self.heuristic not in ("grad_norm", "snip"):
+            raise ValueError(
+                f"online scoring uses the training gradients: heuristic grad_norm or snip, not {self.heuristic}"
+            )
+        return self
+
+
+def build(model: PreTrainedModel, config: RunConfig, context: BuildContext) -> AdaptedModel:
+    """LoRA and shortcut connections as configured, each LoRA module gated on/off at its own rank (no reserve
+    capacity), and the search over them; offline scoring reads the first `batches` training batches."""
+    from ranktune.adapters.configured import attach_configured_lora
+    from ranktune.adapters.shortcuts import find_shortcuts
+    from ranktune.allocation.components import install_gates
+    from ranktune.allocation.hetero import HeteroStrategy
+
+    settings: HeteroSettings = config.allocation
+    model = attach_configured_lora(model, config, context.gradient_checkpointing)
+    modules = install_gates(model, 0)
+    batches = [] if settings.online else context.calibration_batches(settings.batches)
+    strategy = HeteroStrategy(
+        model, modules, settings, batches, context.steps_per_epoch(), seed=context.seed, shortcuts=find_shortcuts(model)
+    )
+    return AdaptedModel(model, strategy)
+
+
+METHOD = register_allocation_method(
+    name="hetero",
+    settings=HeteroSettings,
+    build=build,
+    capabilities=Capabilities(shortcuts=True, calibration_batches=True),
+)

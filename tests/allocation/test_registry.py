@@ -1,0 +1,123 @@
+"""The registry: one declaration per method, refused duplicates, config checks derived from capabilities."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Literal
+
+import pytest
+from peft import LoraConfig
+
+from ranktune.allocation import registry
+from ranktune.allocation.l1ra import L1RAConfig
+from ranktune.allocation.registry import (
+    AdaptedModel,
+    Capabilities,
+    MethodSettings,
+    register_allocation_method,
+    registered_methods,
+)
+from ranktune.config import validate_config
+
+SOURCE = Path(registry.__file__).parents[1]
+# The drop-in PEFT-style configs, by the method whose settings they carry.
+DROP_IN_CONFIGS = {"l1ra": L1RAConfig}
+
+
+def build_nothing(model, config, context) -> AdaptedModel:
+    raise AssertionError("not built in these tests")
+
+
+class SketchSettings(MethodSettings):
+    method: Literal["sketch"] = "sketch"
+
+
+@pytest.fixture
+def sketch() -> Iterator[None]:
+    """A method registered for one test: no plans, no per-module settings; removed afterwards."""
+    register_allocation_method(
+        name="sketch",
+        settings=SketchSettings,
+        build=build_nothing,
+        capabilities=Capabilities(plans=False, per_module_settings=False),
+    )
+    yield
+    del registry._METHODS["sketch"]
+
+
+def test_builtin_methods_in_order():
+    assert [m.name for m in registered_methods()] == ["none", "l1ra", "adalora", "hetero"]
+
+
+def test_a_duplicate_name_is_refused():
+    with pytest.raises(ValueError, match="allocation method 'l1ra' is already registered"):
+        register_allocation_method(
+            name="l1ra", settings=registered_methods()[1].settings, build=build_nothing, capabilities=Capabilities()
+        )
+
+
+def test_settings_must_declare_their_method_name():
+    with pytest.raises(ValueError, match="must declare `method: Literal\\['other'\\]`"):
+        register_allocation_method(
+            name="other", settings=SketchSettings, build=build_nothing, capabilities=Capabilities()
+        )
+    assert "other" not in registry._METHODS
+
+
+def test_compatibility_checks_follow_the_capabilities(sketch):
+    """The `lora` keys a method refuses come from its capabilities; the list of shortcut-capable methods too."""
+    from ranktune.config import LoraSettings, ShortcutSettings
+
+    def check(lora: LoraSettings, shortcuts: ShortcutSettings | None = None) -> None:
+        registry.check_compatibility(SimpleNamespace(allocation=SketchSettings(), lora=lora, shortcuts=shortcuts))
+
+    check(LoraSettings(rank_pattern={"q_proj": 2}, rslora=True))  # what its capabilities allow passes
+    with pytest.raises(ValueError, match=r"^allocation.method 'sketch' does not support lora.modules$"):
+        check(LoraSettings(modules={"q_proj": {"r": 2}}))
+    with pytest.raises(ValueError, match=r"^allocation.method 'sketch' does not support lora.dora$"):
+        check(LoraSettings(dora=True, plan=None))
+    with pytest.raises(ValueError, match=r"^shortcuts train with allocation.method none or hetero, not 'sketch' "):
+        check(LoraSettings(), ShortcutSettings())
+
+
+@pytest.mark.parametrize("name", list(DROP_IN_CONFIGS))
+def test_a_drop_in_config_takes_its_fields_and_defaults_from_the_settings(name):
+    settings = next(m.settings for m in registered_methods() if m.name == name)
+    drop_in = DROP_IN_CONFIGS[name]
+    lora_fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    own = {f.name: f.default for f in dataclasses.fields(drop_in) if f.name not in lora_fields}
+    expected = {key: field.default for key, field in settings.model_fields.items() if key != "method"}
+    assert own == expected
+    config = validate_config({"model": {"name_or_path": "m"}, "data": {"train": "t"}, "allocation": {"method": name}})
+    assert drop_in(r=4).settings() == config.allocation
+
+
+def test_a_drop_in_config_is_validated_like_the_yaml():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="eta_c"):
+        L1RAConfig(r=4, eta_c=-1.0).settings()
+
+
+def method_comparisons(path: Path) -> list[str]:
+    """`x.method == "name"`-style tests (==, !=, in, not in against string constants) in a source file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = [node.left, *node.comparators]
+        names_method = any(isinstance(o, ast.Attribute) and o.attr == "method" for o in operands)
+        constants = [c for o in operands for c in ast.walk(o) if isinstance(c, ast.Constant) and type(c.value) is str]
+        if names_method and constants:
+            found.append(f"{path.relative_to(SOURCE)}:{node.lineno}")
+    return found
+
+
+def test_no_module_dispatches_on_the_method_name():
+    own = {SOURCE / "allocation" / "registry.py"}
+    found = [hit for path in sorted(SOURCE.rglob("*.py")) if path not in own for hit in method_comparisons(path)]
+    assert found == []
