@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from safetensors.torch import load_file
@@ -97,3 +98,38 @@ def test_interrupted_and_resumed_lora_run_gives_the_same_adapter(make_model_dir,
     straight, checkpointed = (over_two_epochs(text_config(model_dir, tmp_path / name, seed=3)) for name in "ab")
     assert_resume_is_exact(straight, checkpointed, save_steps=4, resume_steps=[12, 8], stop_after=11)
     assert checkpoint_epoch(tmp_path / "b" / "out", 12) == 1.5
+
+
+def test_the_trainer_runs_our_callbacks_in_order(make_model_dir, tmp_path):
+    """The allocation callback and the metrics logger come before the Trainer's own callbacks (the values they add
+    to a log event must reach the console and metrics.jsonl); the signal handler and the shortcut checkpoints after;
+    and each checkpoint writer is told the folder a resumed run reads from."""
+    from transformers.trainer_callback import DefaultFlowCallback
+
+    from ranktune.allocation.callback import AllocationCallback
+    from ranktune.data import build_collator
+    from ranktune.training.arguments import build_training_arguments
+    from ranktune.training.callbacks import MetricsLogger, ShortcutCheckpoints, StopOnSignal
+    from ranktune.training.run import build_model_and_adapter, build_trainer, prepare_run
+
+    config = text_config(make_model_dir("llama"), tmp_path, max_steps=2)
+    config["allocation"] = {"method": "hetero", "keep": 0.5, "batches": 1}
+    config["shortcuts"] = {"r": 2, "kinds": ["residual1"]}
+    config = validate_config(config)
+    run = prepare_run(config)
+    args = build_training_arguments(config, tmp_path / "out", has_validation=False)
+    collator = build_collator(run.tokenizer, "causal_lm")
+    adapted = build_model_and_adapter(config, run, args, collator, tmp_path / "out")
+    session = build_trainer(config, run, adapted, args, collator, tmp_path / "out")
+    kinds = [type(callback) for callback in session.trainer.callback_handler.callbacks]
+    assert kinds[:3] == [AllocationCallback, MetricsLogger, DefaultFlowCallback]
+    stop = kinds.index(StopOnSignal)
+    assert kinds[stop + 1] is ShortcutCheckpoints and stop > 2  # the Trainer adds its progress bar after them
+    assert session.stopper is session.trainer.callback_handler.callbacks[stop]
+    assert session.trainer.callback_handler.callbacks[0].strategy is adapted.strategy
+    writers = session.trainer.checkpoint_writers()
+    assert [type(w) for w in writers] == [AllocationCallback, ShortcutCheckpoints]
+    with mock.patch("transformers.Trainer.train") as trainer_train:
+        session.trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert trainer_train.call_args.kwargs["resume_from_checkpoint"] == str(tmp_path / "checkpoint-1")
+    assert [w.resume_from for w in writers] == [str(tmp_path / "checkpoint-1")] * 2
