@@ -78,6 +78,7 @@ def canonical_adapter(model: PeftModel, factors: FoldedFactors) -> tuple[dict[st
         use_rslora=False,
         layers_to_transform=None,
         layers_pattern=None,
+        inference_mode=True,  # as PEFT's save_pretrained writes it
     )
     return tensors, config
 
