@@ -280,6 +280,23 @@ def test_resumed_run_ends_like_the_uninterrupted_one(method, family, runs, tmp_p
     _resume_from(config, RESUME_FROM)
     assert as_peft_reads_it(adapter_config(out)) == as_peft_reads_it(adapter_config(run.output_dir))
     assert_same_tensors(out, run.output_dir, atol=1e-6, what=f"resumed from checkpoint-{RESUME_FROM}")
+    method_files = next(m.history_files for m in registered_methods() if m.name == method)
+    for name in ("rank_history.jsonl", *method_files):  # the records after the checkpoint are written once, again
+        if (run.output_dir / name).exists() or (out / name).exists():
+            assert history_rows(out / name) == history_rows(run.output_dir / name), name
+
+
+def history_rows(path: Path) -> list[dict]:
+    """A history file's records, with every float rounded to 6 places (the resumed run's are equal to 1e-6)."""
+
+    def rounded(value):
+        if isinstance(value, float):
+            return round(value, 6)
+        if isinstance(value, dict):
+            return {key: rounded(item) for key, item in value.items()}
+        return value
+
+    return [rounded(json.loads(line)) for line in path.read_text().splitlines()]
 
 
 # --- bad settings: no model, no training -----------------------------------------------------------------------------

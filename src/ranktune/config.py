@@ -26,7 +26,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -148,32 +147,23 @@ class LoraSettings(_Section):
             raise ValueError(f"ranks must be > 0, got {bad}")
         return value
 
-    _files: dict[str, Any] = PrivateAttr(default_factory=dict)
-
     def plan_file(self) -> Plan | None:
-        """`plan` read and checked, once (the config reads it when validated).
+        """`plan` read and checked (once per version of the file; the config reads it when validated).
 
         Raises:
             UserInputError: the file is missing or not a plan that enables a LoRA module.
         """
         if self.plan is None:
             return None
-        from ranktune.allocation.plan_file import read_plan  # it reads config types itself
+        from ranktune.allocation.plan_file import read_plan  # it imports this module
 
-        return _read_once(self._files, ("plan", self.plan), lambda: read_plan(self.plan))
+        return read_plan(self.plan)
 
     def reference(self) -> dict[str, Any]:
-        """`reference_config` read and checked, once (see `reference_toml.read_reference`)."""
-        from ranktune.reference_toml import read_reference  # it reads config types itself
+        """`reference_config` read and checked (see `reference_toml.read_reference`)."""
+        from ranktune.reference_toml import read_reference  # it imports this module
 
-        return _read_once(self._files, ("reference", self.reference_config), lambda: read_reference(self, "lora"))
-
-
-def _read_once(cache: dict[Any, Any], key: Any, read: Callable[[], Any]) -> Any:
-    """A file a section names, read on first use and kept with the section (its copies share it)."""
-    if key not in cache:
-        cache[key] = read()
-    return cache[key]
+        return read_reference(self, "lora")
 
 
 class ShortcutSettings(_Section):
@@ -194,13 +184,11 @@ class ShortcutSettings(_Section):
     layers: dict[int, dict[ShortcutKind, ModuleSettings]] = Field(default_factory=dict)
     reference_config: str | None = None
 
-    _files: dict[str, Any] = PrivateAttr(default_factory=dict)
-
     def reference(self) -> dict[str, Any]:
-        """`reference_config` read and checked, once (see `reference_toml.read_reference`)."""
-        from ranktune.reference_toml import read_reference  # it reads config types itself
+        """`reference_config` read and checked (see `reference_toml.read_reference`)."""
+        from ranktune.reference_toml import read_reference  # it imports this module
 
-        return _read_once(self._files, ("reference", self.reference_config), lambda: read_reference(self, "shortcuts"))
+        return read_reference(self, "shortcuts")
 
 
 # The `allocation` section: one settings class per registered method, tagged by `method` (allocation/registry.py).
@@ -235,6 +223,11 @@ class RunConfig(_Section):
         if self.shortcuts is not None and self.shortcuts.reference_config:
             self.shortcuts.reference()
         return self
+
+    @property
+    def seed(self) -> int:
+        """The run's seed (`training.seed`, TrainingArguments' default 42)."""
+        return int(self.training.get("seed", 42))
 
     @field_validator("training")
     @classmethod

@@ -1,4 +1,5 @@
-"""Writing a folder or a file so that it appears complete or not at all, and never onto a command's own input."""
+"""Writing a folder or a file so that it appears complete or not at all, and never onto a command's own input;
+reading a file a config names once."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 from ranktune.errors import UserInputError
+
+T = TypeVar("T")
+_READ: dict[tuple[Any, ...], Any] = {}
 
 STAGING_PREFIX = ".ranktune-staging-"
 """Names of the hidden files and folders a write is staged in; a run removes the ones a kill left in its output_dir."""
@@ -94,3 +99,20 @@ def check_output_file(path: str, option: str, inputs: dict[Path, str] | None = N
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserInputError(f"{option} '{path}': the folder '{folder}' is not writable")
     return target
+
+
+def read_once(path: str | Path, parse: Callable[..., T], *args: Any) -> T:
+    """`parse(path, *args)`, computed once per version of the file: a config's plan or reference TOML is checked when
+    the config is validated and used again when the model is built, without a second read.
+
+    A version is the file's resolved path, size and modification time, so a file rewritten between two runs of one
+    process is read again. Failures are not kept: the next call reports them again.
+    """
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return parse(path, *args)  # the parser says what is wrong
+    key = (parse, args, str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _READ:
+        _READ[key] = parse(path, *args)
+    return _READ[key]

@@ -1,6 +1,7 @@
 """HeteroLoRA's TOML config of LoRA modules or shortcut connections (`reference_config`), read into our settings.
 
-Imports no torch: `lora.reference_config` and `shortcuts.reference_config` are read when the config is validated.
+Imports no torch: `lora.reference_config` and `shortcuts.reference_config` are read when the config is validated
+(once: `files.read_once`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 from ranktune.adapters.shortcut_types import SHORTCUT_KINDS
 from ranktune.config import ModuleSettings
 from ranktune.errors import UserInputError, did_you_mean
+from ranktune.files import read_once
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -174,4 +176,4 @@ def read_reference(settings: LoraSettings | ShortcutSettings, kind: ReferenceKin
             f"{section}.reference_config and {section}.{both[0]} both set the modules' settings; use one or the "
             f"other ({section}.reference_config replaces {', '.join(_REPLACED_BY_REFERENCE[kind])})"
         )
-    return read_reference_toml(str(settings.reference_config), kind)
+    return read_once(str(settings.reference_config), read_reference_toml, kind)

@@ -3,7 +3,8 @@
 Pass `peft_config=L1RAConfig(...)` as you would a LoraConfig. The trainer wraps the model with LoRA, installs the
 gated fixed-capacity components, and drives L1RA with `AllocationCallback`. Checkpoints hold the gates, masks and
 L1RA state (written before the Trainer's own files, see `training/checkpoints.py`), so `save_strategy` can stay at
-its default and `train(resume_from_checkpoint=...)` continues exactly (`training/reproducible.py`).
+its default and `train(resume_from_checkpoint=...)` continues exactly (`training/reproducible.py`); `True` resumes
+from the newest complete checkpoint.
 `save_model()` writes the canonical vanilla PEFT adapter (gates folded in, inactive components dropped).
 """
 
@@ -21,7 +22,7 @@ from ranktune.allocation.callback import AllocationCallback
 from ranktune.allocation.components import install_gates
 from ranktune.allocation.l1ra import L1RAConfig, L1RAStrategy
 from ranktune.export import write_adapter
-from ranktune.training.checkpoints import CheckpointFilesFirst, select_resume_checkpoint
+from ranktune.training.checkpoints import CheckpointFilesFirst
 from ranktune.training.reproducible import ReproducibleEpochs
 
 
@@ -32,14 +33,6 @@ def _attach_l1ra(trainer: Trainer, config: L1RAConfig) -> AllocationCallback:
     callback = AllocationCallback(strategy, Path(trainer.args.output_dir) / RANK_HISTORY)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
-
-
-def _resume_path(trainer: Trainer, resume_from_checkpoint: str | bool | None) -> str | None:
-    """`True` resolves to the newest complete checkpoint (a kill can leave a newer one half-written)."""
-    if resume_from_checkpoint is True:
-        chosen, _ = select_resume_checkpoint(Path(trainer.args.output_dir), trainer.checkpoint_files())
-        return str(chosen)
-    return resume_from_checkpoint or None
 
 
 def _export(trainer: Trainer, output_dir: str | None) -> None:
@@ -58,9 +51,6 @@ class L1RATrainer(CheckpointFilesFirst, ReproducibleEpochs, Trainer):
         super().__init__(model, *args, **kwargs)
         self.l1ra = _attach_l1ra(self, peft_config)
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
-        return super().train(resume_from_checkpoint=_resume_path(self, resume_from_checkpoint), **kwargs)
-
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if _internal_call:  # checkpoints keep gates and masks, for an exact resume
             return super().save_model(output_dir, _internal_call)
@@ -73,9 +63,6 @@ class L1RASFTTrainer(CheckpointFilesFirst, ReproducibleEpochs, SFTTrainer):
     def __init__(self, model: Any = None, *args: Any, peft_config: L1RAConfig, **kwargs: Any) -> None:
         super().__init__(model, *args, peft_config=peft_config.lora_config(), **kwargs)
         self.l1ra = _attach_l1ra(self, peft_config)
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
-        return super().train(resume_from_checkpoint=_resume_path(self, resume_from_checkpoint), **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if _internal_call:

@@ -49,10 +49,13 @@ def test_the_config_reads_its_plan_once(tmp_path):
     path = write_plan(tmp_path)
     with mock.patch.object(plan_file, "read_yaml_mapping", wraps=plan_file.read_yaml_mapping) as reads:
         config = validate_config(config_with(plan=str(path)))
-        copy = config.model_copy(update={"output_dir": "elsewhere"})
-        assert config.lora.plan_file() is copy.lora.plan_file()
-        assert config.lora.plan_file().lora_ranks == {"model.layers.0.self_attn.q_proj": 6}
-    assert reads.call_count == 1
+        changed = config.lora.model_copy(update={"r": 16})  # as the run's steps derive settings from the section
+        assert changed.plan_file() is config.lora.plan_file()
+        assert read_plan(path).lora_ranks == {"model.layers.0.self_attn.q_proj": 6}
+        assert reads.call_count == 1
+        plan = read_plan(write_plan(tmp_path, {"model.layers.0.mlp.up_proj": {"enabled": True, "rank": 3}}))
+        assert plan.lora_ranks == {"model.layers.0.mlp.up_proj": 3}  # a rewritten file is read again
+    assert reads.call_count == 2
 
 
 @pytest.mark.parametrize(

@@ -36,36 +36,71 @@ class SketchSettings(MethodSettings):
     method: Literal["sketch"] = "sketch"
 
 
+CAPABILITIES = Capabilities(
+    shortcuts=False,
+    plans=False,
+    per_module_settings=False,
+    rank_pattern=True,
+    dora=False,
+    calibration_batches=False,
+    moves_ranks="during_training",
+)
+
+
 @pytest.fixture
-def sketch() -> Iterator[None]:
-    """A method registered for one test: no plans, no per-module settings; removed afterwards."""
-    register_allocation_method(
-        name="sketch",
-        settings=SketchSettings,
-        build=build_nothing,
-        capabilities=Capabilities(plans=False, per_module_settings=False),
-    )
+def open_registry(monkeypatch) -> Iterator[None]:
+    """The registry as it is before ranktune.config closes it; what a test registers is removed afterwards."""
+    monkeypatch.setattr(registry, "_config_built", False)
+    names = set(registry._METHODS)
     yield
-    del registry._METHODS["sketch"]
+    for name in set(registry._METHODS) - names:
+        del registry._METHODS[name]
+
+
+@pytest.fixture
+def sketch(open_registry) -> None:
+    """A method registered for one test: no plans, no per-module settings, no dora, no shortcuts."""
+    register_allocation_method(name="sketch", settings=SketchSettings, build=build_nothing, capabilities=CAPABILITIES)
 
 
 def test_builtin_methods_in_order():
     assert [m.name for m in registered_methods()] == ["none", "l1ra", "adalora", "hetero"]
 
 
-def test_a_duplicate_name_is_refused():
+def test_a_duplicate_name_is_refused(open_registry):
     with pytest.raises(ValueError, match="allocation method 'l1ra' is already registered"):
         register_allocation_method(
-            name="l1ra", settings=registered_methods()[1].settings, build=build_nothing, capabilities=Capabilities()
+            name="l1ra", settings=registered_methods()[1].settings, build=build_nothing, capabilities=CAPABILITIES
         )
 
 
-def test_settings_must_declare_their_method_name():
+def test_settings_must_declare_their_method_name(open_registry):
     with pytest.raises(ValueError, match="must declare `method: Literal\\['other'\\]`"):
         register_allocation_method(
-            name="other", settings=SketchSettings, build=build_nothing, capabilities=Capabilities()
+            name="other", settings=SketchSettings, build=build_nothing, capabilities=CAPABILITIES
         )
     assert "other" not in registry._METHODS
+
+
+def test_registering_after_the_config_was_built_is_refused():
+    """The config's types were derived when it was imported: a later method would be silently unknown to it."""
+    import ranktune.config  # noqa: F401 - builds the config's types
+
+    with pytest.raises(RuntimeError, match=r"registered after ranktune\.config was imported"):
+        register_allocation_method(name="late", settings=SketchSettings, build=build_nothing, capabilities=CAPABILITIES)
+    assert "late" not in registry._METHODS
+
+
+def test_capabilities_must_all_be_declared():
+    with pytest.raises(TypeError):
+        Capabilities(shortcuts=True)  # type: ignore[call-arg]
+
+
+def test_calibration_batches_only_for_methods_that_declare_them():
+    context = registry.BuildContext(args=None, train_dataset=[], collator=None, output_dir=Path("."), seed=0)
+    refused = dataclasses.replace(context, calibration_allowed=False)
+    with pytest.raises(RuntimeError, match="draws calibration batches"):
+        refused.calibration_batches(1)
 
 
 def test_compatibility_checks_follow_the_capabilities(sketch):

@@ -129,7 +129,12 @@ def test_the_trainer_runs_our_callbacks_in_order(make_model_dir, tmp_path):
     assert session.trainer.callback_handler.callbacks[0].strategy is adapted.strategy
     writers = session.trainer.checkpoint_writers()
     assert [type(w) for w in writers] == [AllocationCallback, ShortcutCheckpoints]
+    folder = tmp_path / "checkpoint-1"
     with mock.patch("transformers.Trainer.train") as trainer_train:
-        session.trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
-    assert trainer_train.call_args.kwargs["resume_from_checkpoint"] == str(tmp_path / "checkpoint-1")
-    assert [w.resume_from for w in writers] == [str(tmp_path / "checkpoint-1")] * 2
+        for given in (str(folder), folder):  # a Path as the Trainer takes it, too
+            session.trainer.train(resume_from_checkpoint=given)
+            assert trainer_train.call_args.kwargs["resume_from_checkpoint"] == str(folder)
+            assert [w.resume_from for w in writers] == [str(folder)] * 2
+        session.trainer.train()  # a later fresh start reads no checkpoint
+        assert trainer_train.call_args.kwargs["resume_from_checkpoint"] is None
+        assert [w.resume_from for w in writers] == [None, None]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
-Budget = Literal["ranks", "params"]
+from ranktune.allocation.methods.l1ra import Budget
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from peft import PeftModel
 from ranktune.adapters.layout import REALLOCATION_HISTORY
 from ranktune.adapters.shortcuts import LowRankShortcut, ShortcutSet
 from ranktune.allocation.components import GatedModule
-from ranktune.allocation.methods.hetero import HeteroSettings
+from ranktune.allocation.methods.hetero import HISTORY_FILES, HeteroSettings
 from ranktune.allocation.plan import select
 from ranktune.allocation.saliency import Batch, gradient_score, score_modules
 from ranktune.allocation.strategy import FoldedFactors, HistoryRow, RankSnapshot, Totals
@@ -59,7 +59,7 @@ class HeteroStrategy:
     """Enables the top-scoring fraction of the candidates at every reallocation; masks the rest."""
 
     name = "hetero"
-    history_files = (REALLOCATION_HISTORY,)
+    history_files = HISTORY_FILES
 
     def __init__(
         self,

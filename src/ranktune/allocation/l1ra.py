@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from peft import LoraConfig
 
-from ranktune.allocation.budget import Budget, ModuleState, RankPlan, plan_rank_update
+from ranktune.allocation.budget import ModuleState, RankPlan, plan_rank_update
 from ranktune.allocation.components import GatedModule, _init_reserve_rows
-from ranktune.allocation.methods.l1ra import L1RASettings
+from ranktune.allocation.methods.l1ra import Budget, L1RASettings
 from ranktune.allocation.strategy import FoldedFactors, HistoryRow, RankSnapshot, Totals
 
 _DEFAULTS = {name: field.default for name, field in L1RASettings.model_fields.items()}
@@ -42,6 +42,10 @@ class L1RAConfig(LoraConfig):
     budget: Budget = _DEFAULTS["budget"]
     max_rank: int | None = _DEFAULTS["max_rank"]
     min_rank: int = _DEFAULTS["min_rank"]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.settings()  # the knobs' ranges are checked now, before a trainer wraps any model
 
     def lora_config(self) -> LoraConfig:
         """The plain LoraConfig part, which PEFT wraps the model with."""
@@ -189,7 +193,7 @@ class L1RAStrategy:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs beyond the model tensors (gates and masks travel with the adapter weights)."""
         return {
-            "settings": self.settings.model_dump(),
+            "settings": self.settings.model_dump(exclude={"method", "max_rank"}),
             "gate_optimizer": self.gate_optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "unspent": self.unspent,

@@ -1,4 +1,5 @@
-"""HeteroLoRA's static search: saliency scores → a per-module plan (enabled or not, rank) → a LoRA config.
+"""HeteroLoRA's static search: saliency scores → a per-module plan (enabled or not, rank); `plan_file` reads the
+plan back into a run.
 
 `make_plan` keeps the top floor(keep · N) modules by score; equal scores are ordered by a seeded random draw, so the
 same scores and seed always give the same plan. With `redistribute`, the parameter budget of the kept modules at

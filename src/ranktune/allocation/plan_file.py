@@ -18,6 +18,7 @@ from ranktune.adapters.layout import layer_of
 from ranktune.adapters.shortcut_types import ShortcutSpec, is_shortcut
 from ranktune.config import UniqueKeyLoader
 from ranktune.errors import UserInputError
+from ranktune.files import read_once
 
 if TYPE_CHECKING:
     from ranktune.config import LoraSettings
@@ -94,11 +95,15 @@ class Plan:
 
 
 def read_plan(path: str | Path) -> Plan:
-    """Reads and checks a `ranktune plan` output.
+    """Reads and checks a `ranktune plan` output, once per version of the file (`files.read_once`).
 
     Raises:
         UserInputError: missing, malformed, not a plan, or a plan that enables no LoRA module.
     """
+    return read_once(str(path), _parse_plan)
+
+
+def _parse_plan(path: str) -> Plan:
     data = read_yaml_mapping(path, "lora.plan")
     modules = data.get("modules")
     if data.get("format") != PLAN_FORMAT or not isinstance(modules, dict):

@@ -5,11 +5,13 @@ config's `allocation` section (a union tagged by `method`), the checks of which 
 method works with, and the adapter a run builds. No other module tests a method's name.
 
 A method registers from a module of `ranktune.allocation.methods` that imports no torch: validating a config must
-not pay for it (seconds), so builders import the method's implementation when they run.
+not pay for it (seconds), so builders import the method's implementation when they run. The config's types are
+built from the registry when `ranktune.config` is first imported; registering a method after that is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sized
 from dataclasses import dataclass
@@ -51,21 +53,22 @@ StepsOrFraction = Annotated[int | float, AfterValidator(_steps_or_fraction)]
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a method works with and what it needs; the config refuses the rest with one message."""
+    """What a method works with and what it needs; the config refuses the rest with one message. Every field is
+    required, so a new method declares each one."""
 
-    shortcuts: bool = False
+    shortcuts: bool
     """Trains the `shortcuts` section's connections beside the LoRA modules."""
-    plans: bool = True
+    plans: bool
     """Takes `lora.plan` (a `ranktune plan` file)."""
-    per_module_settings: bool = True
+    per_module_settings: bool
     """Takes `lora.modules`, `lora.layers` and `lora.reference_config`."""
-    rank_pattern: bool = True
-    """Takes `lora.rank_pattern`, `lora.alpha_pattern` and `lora.rslora`."""
-    dora: bool = False
+    rank_pattern: bool
+    """Takes `lora.rank_pattern`, `lora.alpha_pattern` and `lora.rslora` (PEFT's per-module ranks and scales)."""
+    dora: bool
     """Takes `lora.dora`."""
-    calibration_batches: bool = False
-    """May draw training batches before step 0 (`BuildContext.calibration_batches`)."""
-    moves_ranks: Literal["never", "before_training", "during_training"] = "during_training"
+    calibration_batches: bool
+    """Draws training batches before step 0 (`BuildContext.calibration_batches` refuses the others)."""
+    moves_ranks: Literal["never", "before_training", "during_training"]
     """When the method decides ranks: never (plain LoRA), once before step 0, or at optimizer steps."""
 
 
@@ -91,9 +94,12 @@ class BuildContext:
     collator: Callable | None
     output_dir: Path
     seed: int
+    calibration_allowed: bool = True
+    """Set by `build_adapter` from the method's `calibration_batches` capability."""
 
     @property
     def gradient_checkpointing(self) -> bool:
+        """Whether the run trains with gradient checkpointing (PEFT prepares the model for it)."""
         return bool(self.args.gradient_checkpointing)
 
     def steps_per_epoch(self) -> int:
@@ -111,7 +117,13 @@ class BuildContext:
         return max(1, math.ceil(self.args.num_train_epochs * self.steps_per_epoch()))
 
     def calibration_batches(self, count: int) -> list[dict[str, Any]]:
-        """The first `count` training batches in dataset order, at the training batch size."""
+        """The first `count` training batches in dataset order, at the training batch size.
+
+        Raises:
+            RuntimeError: the method did not declare the `calibration_batches` capability.
+        """
+        if not self.calibration_allowed:
+            raise RuntimeError("this allocation method draws calibration batches: register it with that capability")
         from ranktune.allocation.saliency import first_batches
 
         return first_batches(self.train_dataset, self.collator, self.args.per_device_train_batch_size, count)
@@ -136,25 +148,39 @@ class AllocationMethod:
     settings: type[MethodSettings]
     build: Builder
     capabilities: Capabilities
+    history_files: tuple[str, ...]
+    """Files the method's strategy writes into output_dir beside rank_history.jsonl (its `history_files`)."""
 
 
 _METHODS: dict[str, AllocationMethod] = {}
+_config_built = False  # set once the config's types are derived from the registry
 
 
 def register_allocation_method(
-    *, name: str, settings: type[MethodSettings], build: Builder, capabilities: Capabilities
+    *,
+    name: str,
+    settings: type[MethodSettings],
+    build: Builder,
+    capabilities: Capabilities,
+    history_files: tuple[str, ...] = (),
 ) -> AllocationMethod:
     """Registers a method under `name`, which its settings class must declare as `method: Literal["name"]`.
 
     Raises:
         ValueError: the name is taken, or the settings class does not declare it.
+        RuntimeError: the config's types were already built (register from `ranktune.allocation.methods`).
     """
+    if _config_built:
+        raise RuntimeError(
+            f"allocation method '{name}' registered after ranktune.config was imported: the config would not know "
+            "it; register it from a module listed in ranktune.allocation.methods.BUILTINS"
+        )
     if name in _METHODS:
         raise ValueError(f"allocation method '{name}' is already registered")
     field = settings.model_fields.get("method")
     if field is None or get_args(field.annotation) != (name,):
         raise ValueError(f"{settings.__name__} must declare `method: Literal['{name}']` to register as '{name}'")
-    method = AllocationMethod(name, settings, build, capabilities)
+    method = AllocationMethod(name, settings, build, capabilities, history_files)
     _METHODS[name] = method
     return method
 
@@ -171,9 +197,17 @@ def method_of(settings: MethodSettings) -> AllocationMethod:
     return _METHODS[settings.method]
 
 
+def history_files() -> tuple[str, ...]:
+    """Every registered method's history files (what a run may write beside rank_history.jsonl)."""
+    return tuple(dict.fromkeys(name for method in registered_methods() for name in method.history_files))
+
+
 def settings_union() -> Any:
-    """The `allocation` section's type: the registered settings classes, tagged by `method`."""
+    """The `allocation` section's type: the registered settings classes, tagged by `method`. From here on, the
+    registry is closed."""
+    global _config_built
     classes = tuple(method.settings for method in registered_methods())
+    _config_built = True
     return Annotated[Union[classes], Field(discriminator="method")]  # noqa: UP007 - a tuple of classes needs Union
 
 
@@ -199,7 +233,9 @@ def check_compatibility(config: RunConfig) -> None:
 
 def build_adapter(model: PreTrainedModel, config: RunConfig, context: BuildContext) -> AdaptedModel:
     """Wraps the bare model as the config's method does, and sets up its strategy."""
-    return method_of(config.allocation).build(model, config, context)
+    method = method_of(config.allocation)
+    context = dataclasses.replace(context, calibration_allowed=method.capabilities.calibration_batches)
+    return method.build(model, config, context)
 
 
 def _register_builtins() -> None:

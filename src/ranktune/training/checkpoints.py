@@ -12,6 +12,7 @@ find a valid checkpoint").
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -51,12 +52,18 @@ class CheckpointFilesFirst:
         """Files a complete checkpoint holds besides trainer_state.json: the adapter weights and the writers' files."""
         return [ADAPTER_WEIGHTS, *(name for writer in self.checkpoint_writers() for name in writer.checkpoint_files)]
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
-        """Tells the writers which checkpoint folder to read their files from, then trains."""
-        if isinstance(resume_from_checkpoint, str):
-            for writer in self.checkpoint_writers():
-                writer.resume_from = resume_from_checkpoint
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+    def train(self, resume_from_checkpoint: str | os.PathLike | bool | None = None, **kwargs: Any) -> Any:
+        """Trains, from a checkpoint folder if given; `True` means the newest complete one in output_dir (a kill can
+        leave a newer one half-written). Every writer is told the folder it reads its files from (None: a fresh
+        start, also after an earlier resumed `train`)."""
+        checkpoint = None
+        if resume_from_checkpoint is True:
+            checkpoint = str(select_resume_checkpoint(Path(self.args.output_dir), self.checkpoint_files())[0])
+        elif resume_from_checkpoint:
+            checkpoint = os.fspath(resume_from_checkpoint)
+        for writer in self.checkpoint_writers():
+            writer.resume_from = checkpoint
+        return super().train(resume_from_checkpoint=checkpoint, **kwargs)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         if self.args.should_save:

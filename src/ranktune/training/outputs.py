@@ -16,11 +16,11 @@ from ranktune.adapters.layout import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     RANK_HISTORY,
-    REALLOCATION_HISTORY,
     RUN_INFO,
     module_totals,
     read_module_ranks,
 )
+from ranktune.allocation.registry import history_files
 from ranktune.config import RunConfig
 from ranktune.errors import UserInputError
 from ranktune.files import STAGING_PREFIX
@@ -31,8 +31,12 @@ METRICS_LOG = "metrics.jsonl"
 RUN_MARKER = ".ranktune-run"  # written when a run first writes into output_dir: the report files here are ours
 PREVIOUS_RUN = ".previous-run"
 _PARTIAL = f"{PREVIOUS_RUN}.partial"  # a set-aside or a put-back that a kill interrupted
-RUN_LOGS = (RESOLVED_CONFIG, METRICS_LOG, RANK_HISTORY, REALLOCATION_HISTORY)  # written while a run trains
 _PACKAGES = ("ranktune", "torch", "transformers", "peft", "datasets", "accelerate", "trl", "bitsandbytes")
+
+
+def run_logs() -> tuple[str, ...]:
+    """The files a run writes while it trains: its config and logs, and what the allocation methods record."""
+    return (RESOLVED_CONFIG, METRICS_LOG, RANK_HISTORY, *history_files())
 
 
 def check_output_dir(output_dir: str) -> Path:
@@ -93,7 +97,7 @@ def prepare_output_dir(path: Path, resume: bool, overwrite: bool) -> None:
         )
     if ours or earlier:
         return
-    foreign = [name for name in (*RUN_LOGS, RUN_INFO) if (path / name).exists()]
+    foreign = [name for name in (*run_logs(), RUN_INFO) if (path / name).exists()]
     if foreign:
         raise UserInputError(
             f"output_dir '{path}' holds {', '.join(foreign)}, which a run writes and which ranktune did not write "
@@ -132,7 +136,7 @@ class EarlierRun:
         self._set_aside = False
 
     def _run_files(self) -> list[Path]:
-        present = [self.path / name for name in RUN_LOGS if (self.path / name).exists()]
+        present = [self.path / name for name in run_logs() if (self.path / name).exists()]
         return present + checkpoints_newest_first(self.path)
 
     def set_aside(self) -> None:

@@ -22,7 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ranktune.adapters.layout import RANK_HISTORY, RUN_INFO
 from ranktune.adapters.shortcuts import find_shortcuts
 from ranktune.allocation.callback import AllocationCallback
-from ranktune.allocation.registry import AdaptedModel, BuildContext, build_adapter, method_of
+from ranktune.allocation.registry import AdaptedModel, BuildContext, build_adapter
 from ranktune.config import DataConfig, RunConfig
 from ranktune.data import build_collator, detect_format, load_splits, prepare_causal_lm, prepare_classification
 from ranktune.errors import RanktuneError, UserInputError
@@ -120,7 +120,7 @@ def prepare_run(config: RunConfig) -> PreparedRun:
     Raises:
         UserInputError: bad data, model path or columns.
     """
-    set_seed(int(config.training.get("seed", 42)))  # the new head and LoRA's A are drawn before the Trainer seeds
+    set_seed(config.seed)  # the new head and LoRA's A are drawn before the Trainer seeds
     model_path = resolve_model_path(config.model.name_or_path)
     data = _resolve_data_paths(config.data)
     pretrained_config = load_model_config(model_path, config.model)  # read once: the tokenizer's EOS, the model type
@@ -202,7 +202,7 @@ def build_model_and_adapter(
     config: RunConfig, run: PreparedRun, args: TrainingArguments, collator: Callable, output_dir: Path
 ) -> AdaptedModel:
     """The base model wrapped by the config's allocation method (LoRA, shortcut connections, the strategy)."""
-    context = BuildContext(args, run.datasets["train"], collator, output_dir, seed=int(config.training.get("seed", 42)))
+    context = BuildContext(args, run.datasets["train"], collator, output_dir, seed=config.seed)
     adapted = build_adapter(run.model, config, context)
     trainable, total = adapted.model.get_nb_trainable_parameters()
     _log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
@@ -212,17 +212,11 @@ def build_model_and_adapter(
         _log(f"shortcut connections: {count} ({sum(p.numel() for p in shortcuts.parameters()):,} parameters)")
     if adapted.strategy is not None:
         totals = adapted.strategy.totals()
-        if method_of(config.allocation).capabilities.moves_ranks == "during_training":
-            _log(
-                f"{adapted.strategy.name}: total rank {totals.total_rank:,} before the first allocation "
-                f"({totals.active_parameters:,} rank-component parameters; the rest is fixed capacity); "
-                f"{RANK_HISTORY} records every change"
-            )
-        else:
-            _log(
-                f"{adapted.strategy.name}: total rank {totals.total_rank:,} chosen before step 0 "
-                f"({totals.active_parameters:,} rank-component parameters)"
-            )
+        _log(
+            f"{adapted.strategy.name}: total rank {totals.total_rank:,} before the first allocation "
+            f"({totals.active_parameters:,} rank-component parameters; the rest is fixed capacity); "
+            f"{RANK_HISTORY} records every change"
+        )
     return adapted
 
 
@@ -239,6 +233,7 @@ class TrainingSession:
 
     @property
     def main_process(self) -> bool:
+        """Whether this process writes output_dir (the only one under DDP that does)."""
         return self.trainer.is_world_process_zero()
 
 

@@ -71,5 +71,13 @@ METHOD = register_allocation_method(
     name="adalora",
     settings=AdaLoRASettings,
     build=build,
-    capabilities=Capabilities(plans=False, per_module_settings=False, rank_pattern=False),
+    capabilities=Capabilities(
+        shortcuts=False,
+        plans=False,
+        per_module_settings=False,
+        rank_pattern=False,
+        dora=False,
+        calibration_batches=False,
+        moves_ranks="during_training",
+    ),
 )

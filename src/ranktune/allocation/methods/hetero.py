@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
+from ranktune.adapters.layout import REALLOCATION_HISTORY
 from ranktune.allocation.registry import (
     AdaptedModel,
     BuildContext,
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
     from ranktune.config import RunConfig
 
+HISTORY_FILES = (REALLOCATION_HISTORY,)  # one row per candidate and reallocation: its score and whether it is on
 Heuristic = Literal["constant", "grad_norm", "snip", "synflow", "alpha_test"]
 HEURISTICS: tuple[str, ...] = typing.get_args(Heuristic)
 
@@ -71,5 +73,14 @@ METHOD = register_allocation_method(
     name="hetero",
     settings=HeteroSettings,
     build=build,
-    capabilities=Capabilities(shortcuts=True, calibration_batches=True),
+    capabilities=Capabilities(
+        shortcuts=True,
+        plans=True,
+        per_module_settings=True,
+        rank_pattern=True,
+        dora=False,
+        calibration_batches=True,
+        moves_ranks="during_training",
+    ),
+    history_files=HISTORY_FILES,
 )

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from ranktune.config import LoraSettings, RunConfig
 
 
+Budget = Literal["ranks", "params"]
+"""What a rank update conserves: the total rank, or the total of active rank-component parameters."""
+
+
 class L1RASettings(MethodSettings):
     """L1RA's knobs, named as in the reference implementation.
 
@@ -34,7 +38,7 @@ class L1RASettings(MethodSettings):
     prune_threshold: float = Field(default=0.0, ge=0.0)
     reassign: bool = True
     exclude_pruned: bool = True
-    budget: Literal["ranks", "params"] = "ranks"
+    budget: Budget = "ranks"
     max_rank: int | None = Field(default=None, gt=0)
     min_rank: int = Field(default=1, ge=0)
 
@@ -63,5 +67,13 @@ METHOD = register_allocation_method(
     name="l1ra",
     settings=L1RASettings,
     build=build,
-    capabilities=Capabilities(moves_ranks="during_training"),
+    capabilities=Capabilities(
+        shortcuts=False,
+        plans=True,
+        per_module_settings=True,
+        rank_pattern=True,
+        dora=False,
+        calibration_batches=False,
+        moves_ranks="during_training",
+    ),
 )

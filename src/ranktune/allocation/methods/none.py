@@ -25,6 +25,7 @@ class NoAllocation(MethodSettings):
 
 
 def build(model: PreTrainedModel, config: RunConfig, context: BuildContext) -> AdaptedModel:
+    """LoRA (and shortcut connections) as configured; no strategy."""
     from ranktune.adapters.configured import attach_configured_lora
 
     return AdaptedModel(attach_configured_lora(model, config, context.gradient_checkpointing))
@@ -34,5 +35,13 @@ METHOD = register_allocation_method(
     name="none",
     settings=NoAllocation,
     build=build,
-    capabilities=Capabilities(shortcuts=True, dora=True, moves_ranks="never"),
+    capabilities=Capabilities(
+        shortcuts=True,
+        plans=True,
+        per_module_settings=True,
+        rank_pattern=True,
+        dora=True,
+        calibration_batches=False,
+        moves_ranks="never",
+    ),
 )
