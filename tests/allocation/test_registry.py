@@ -64,7 +64,7 @@ def sketch(open_registry) -> None:
 
 
 def test_builtin_methods_in_order():
-    assert [m.name for m in registered_methods()] == ["none", "l1ra", "adalora", "hetero"]
+    assert [m.name for m in registered_methods()] == ["none", "l1ra", "adalora", "hetero", "eva"]
 
 
 def test_a_duplicate_name_is_refused(open_registry):

@@ -116,8 +116,9 @@ class BuildContext:
             return self.args.max_steps
         return max(1, math.ceil(self.args.num_train_epochs * self.steps_per_epoch()))
 
-    def calibration_batches(self, count: int) -> list[dict[str, Any]]:
-        """The first `count` training batches in dataset order, at the training batch size.
+    def calibration_batches(self, count: int, batch_size: int | None = None) -> list[dict[str, Any]]:
+        """The first `count` training batches in dataset order, of `batch_size` rows (default: the training batch
+        size).
 
         Raises:
             RuntimeError: the method did not declare the `calibration_batches` capability.
@@ -126,7 +127,8 @@ class BuildContext:
             raise RuntimeError("this allocation method draws calibration batches: register it with that capability")
         from ranktune.allocation.saliency import first_batches
 
-        return first_batches(self.train_dataset, self.collator, self.args.per_device_train_batch_size, count)
+        size = batch_size or self.args.per_device_train_batch_size
+        return first_batches(self.train_dataset, self.collator, size, count)
 
 
 @dataclass

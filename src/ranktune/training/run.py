@@ -22,7 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ranktune.adapters.layout import RANK_HISTORY, RUN_INFO
 from ranktune.adapters.shortcuts import find_shortcuts
 from ranktune.allocation.callback import AllocationCallback
-from ranktune.allocation.registry import AdaptedModel, BuildContext, build_adapter
+from ranktune.allocation.registry import AdaptedModel, BuildContext, build_adapter, method_of
 from ranktune.config import DataConfig, RunConfig
 from ranktune.data import build_collator, detect_format, load_splits, prepare_causal_lm, prepare_classification
 from ranktune.errors import RanktuneError, UserInputError
@@ -212,11 +212,17 @@ def build_model_and_adapter(
         _log(f"shortcut connections: {count} ({sum(p.numel() for p in shortcuts.parameters()):,} parameters)")
     if adapted.strategy is not None:
         totals = adapted.strategy.totals()
-        _log(
-            f"{adapted.strategy.name}: total rank {totals.total_rank:,} before the first allocation "
-            f"({totals.active_parameters:,} rank-component parameters; the rest is fixed capacity); "
-            f"{RANK_HISTORY} records every change"
-        )
+        if method_of(config.allocation).capabilities.moves_ranks == "before_training":
+            _log(
+                f"{adapted.strategy.name}: total rank {totals.total_rank:,} chosen before step 0 "
+                f"({totals.active_parameters:,} rank-component parameters); {RANK_HISTORY} records each module's rank"
+            )
+        else:
+            _log(
+                f"{adapted.strategy.name}: total rank {totals.total_rank:,} before the first allocation "
+                f"({totals.active_parameters:,} rank-component parameters; the rest is fixed capacity); "
+                f"{RANK_HISTORY} records every change"
+            )
     return adapted
 
 
