@@ -156,3 +156,15 @@ def test_no_module_dispatches_on_the_method_name():
     own = {SOURCE / "allocation" / "registry.py"}
     found = [hit for path in sorted(SOURCE.rglob("*.py")) if path not in own for hit in method_comparisons(path)]
     assert found == []
+
+
+def test_sharded_calibration_batches_share_out_the_first_ones():
+    """Process k of W takes batches k, k + W, ... of the first `count`: together they see each batch once."""
+    rows = [{"x": i} for i in range(10)]
+    batches = {}
+    for rank in range(2):
+        args = SimpleNamespace(per_device_train_batch_size=2, process_index=rank, world_size=2)
+        context = registry.BuildContext(args, rows, lambda batch: [row["x"] for row in batch], Path("."), seed=0)
+        batches[rank] = context.calibration_batches(4, shard=True)
+    assert batches == {0: [[0, 1], [4, 5]], 1: [[2, 3], [6, 7]]}
+    assert context.calibration_batches(2, batch_size=3) == [[0, 1, 2], [3, 4, 5]]  # unsharded, own batch size

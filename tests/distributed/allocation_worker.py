@@ -1,6 +1,6 @@
-"""One L1RA, AdaLoRA or HeteroLoRA training process, alone or under torchrun; dumps its final allocation state.
+"""One L1RA, AdaLoRA, HeteroLoRA or EVA training process, alone or under torchrun; dumps its final allocation state.
 
-Usage: python allocation_worker.py l1ra|adalora|hetero MODEL_DIR OUT_DIR PER_DEVICE_BATCH
+Usage: python allocation_worker.py l1ra|adalora|hetero|eva MODEL_DIR OUT_DIR PER_DEVICE_BATCH
 """
 
 from __future__ import annotations
@@ -111,6 +111,31 @@ def hetero(model, args: TrainingArguments, common: dict) -> dict:
     return state
 
 
+def eva(model, args: TrainingArguments, common: dict) -> dict:
+    """EVA through the registry's builder, as `ranktune train` builds it: 4 calibration batches of 8 rows shared out
+    among the processes, whose inputs PEFT gathers; then 16 training steps."""
+    from ranktune.allocation.registry import BuildContext, build_adapter
+    from ranktune.config import validate_config
+
+    config = validate_config({
+        "model": {"name_or_path": "unused"}, "data": {"train": "unused"},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        "allocation": {"method": "eva", "rho": 2.0, "batches": 4},
+    })  # fmt: skip
+    context = BuildContext(args, common["train_dataset"], common["data_collator"], Path(args.output_dir), seed=0)
+    adapted = build_adapter(model, config, context)
+    Trainer(model=adapted.model, args=args, callbacks=[AllocationCallback(adapted.strategy)], **common).train()
+    return {
+        name: {
+            "mask": torch.ones(int(layer.r["default"]), dtype=torch.bool),
+            "gate": torch.ones(int(layer.r["default"])),
+            "A": layer.lora_A["default"].weight.detach().clone(),
+            "B": layer.lora_B["default"].weight.detach().clone(),
+        }
+        for name, layer in adapted.strategy.layers.items()
+    }
+
+
 def main(method: str, model_dir: str, out_dir: str, batch: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
@@ -126,7 +151,7 @@ def main(method: str, model_dir: str, out_dir: str, batch: int) -> None:
         "data_collator": DataCollatorForLanguageModeling(tokenizer, mlm=False),
         "processing_class": tokenizer,
     }
-    state = {"l1ra": l1ra, "adalora": adalora, "hetero": hetero}[method](model, args, common)
+    state = {"l1ra": l1ra, "adalora": adalora, "hetero": hetero, "eva": eva}[method](model, args, common)
     torch.save(state, Path(out_dir) / f"state-{int(os.environ.get('RANK', '0'))}.pt")
 
 

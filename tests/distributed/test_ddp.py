@@ -1,5 +1,5 @@
-"""A real 2-process DDP run on CPU (gloo): both processes take identical L1RA / AdaLoRA / HeteroLoRA decisions and
-end identical."""
+"""A real 2-process DDP run on CPU (gloo): both processes take identical L1RA / AdaLoRA / HeteroLoRA / EVA decisions
+and end identical."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def run(command: list[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "initial_rank", "port"), [("l1ra", 4, "29581"), ("adalora", 6, "29582"), ("hetero", 4, "29583")]
+    ("method", "initial_rank", "port"),
+    [("l1ra", 4, "29581"), ("adalora", 6, "29582"), ("hetero", 4, "29583"), ("eva", 4, "29584")],
 )
 def test_two_processes_agree_and_match_one_process_with_the_same_global_batch(
     method, initial_rank, port, make_model_dir, tmp_path
@@ -48,6 +49,10 @@ def test_two_processes_agree_and_match_one_process_with_the_same_global_batch(
                 torch.testing.assert_close(state[key], single[name][key], rtol=0, atol=1e-4)
     else:  # a global threshold on continuous scores: rounding-level differences can flip a near-tie
         assert (ddp_masks == single_masks).float().mean() >= 0.85
+    if method == "eva":  # the calibration batches shared out and gathered: the ranks one process sees all of them give
+        assert {name: len(state["mask"]) for name, state in rank0.items()} == {
+            name: len(state["mask"]) for name, state in single.items()
+        }
     if method == "hetero":  # scores from gradients summed over both processes' batches equal one process's
         for name, state in rank0.items():
             torch.testing.assert_close(state["gate"], single[name]["gate"], rtol=1e-3, atol=0)

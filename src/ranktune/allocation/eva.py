@@ -83,7 +83,7 @@ def attach_eva_lora(
     choose_tokens = _tokens_without_labels if config.model.task == "classification" else None
     initialize_lora_eva_weights(
         peft_model,
-        dataloader=batches,
+        dataloader=[dict(batch) for batch in batches],  # PEFT wants dicts; collators may give a BatchEncoding
         forward_fn=_bounded_forward(len(batches), settings.max_passes),
         prepare_model_inputs_fn=choose_tokens or prepare_model_inputs_fn_language_modeling,
         prepare_layer_inputs_fn=_layer_inputs,

@@ -116,9 +116,12 @@ class BuildContext:
             return self.args.max_steps
         return max(1, math.ceil(self.args.num_train_epochs * self.steps_per_epoch()))
 
-    def calibration_batches(self, count: int, batch_size: int | None = None) -> list[dict[str, Any]]:
+    def calibration_batches(
+        self, count: int, batch_size: int | None = None, shard: bool = False
+    ) -> list[dict[str, Any]]:
         """The first `count` training batches in dataset order, of `batch_size` rows (default: the training batch
-        size).
+        size). With `shard`, each of the run's processes takes every world_size-th of them (process k: k, k + W, ...),
+        for a method that gathers what it computes from them across processes.
 
         Raises:
             RuntimeError: the method did not declare the `calibration_batches` capability.
@@ -128,7 +131,10 @@ class BuildContext:
         from ranktune.allocation.saliency import first_batches
 
         size = batch_size or self.args.per_device_train_batch_size
-        return first_batches(self.train_dataset, self.collator, size, count)
+        batches = first_batches(self.train_dataset, self.collator, size, count)
+        if not shard:
+            return batches
+        return batches[self.args.process_index :: self.args.world_size]
 
 
 @dataclass

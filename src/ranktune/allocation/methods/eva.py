@@ -32,8 +32,9 @@ class EvaSettings(MethodSettings):
     `tau` is the cosine similarity between two successive estimates at which a component counts as converged;
     `use_label_mask` leaves out the tokens whose label is -100 (prompt and padding) in causal LM data;
     `adjust_scaling_factors` keeps each module's scale alpha / r when its rank changes. `batches` batches of at
-    least rho · lora.r rows are drawn from the start of the training data; PEFT passes over them until every
-    component has converged, at most `max_passes` times.
+    least rho · lora.r rows are drawn from the start of the training data (under DDP, shared out among the processes,
+    whose inputs PEFT gathers); PEFT passes over them until every component has converged, at most `max_passes`
+    times.
     """
 
     method: Literal["eva"] = "eva"
@@ -54,7 +55,7 @@ def build(model: PreTrainedModel, config: RunConfig, context: BuildContext) -> A
     settings: EvaSettings = config.allocation
     # A module that sees one vector per row (a classifier's pooler) needs at least rho · r rows in every batch.
     rows = max(context.args.per_device_train_batch_size, math.ceil(settings.rho * config.lora.r))
-    batches = context.calibration_batches(settings.batches, batch_size=rows)
+    batches = context.calibration_batches(settings.batches, batch_size=rows, shard=True)  # PEFT gathers them
     model = attach_eva_lora(model, config, settings, batches, context.gradient_checkpointing)
     return AdaptedModel(model, FixedRanks(model, "eva"))
 
