@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from ranktune.allocation.saliency import score_modules
+from ranktune.errors import UserInputError
 
 
 class TwoProjections(nn.Module):
@@ -163,3 +164,26 @@ def test_alpha_test_scales_only_the_low_rank_term_of_a_shortcut(make_model_dir):
         connections["model.layers.0.residual1"].B.zero_()
     scores = score_modules(model, batches, "alpha_test", tolerance=0.01)
     assert scores["model.layers.0.residual1"] == 0.0
+
+
+def test_snip_is_refused_while_every_b_is_zero(make_model_dir):
+    """A fresh pool scores 0 everywhere under SNIP (B = 0 and dL/dA = 0): a plan from it would be random."""
+    model, batches = llama_with_trained_b(make_model_dir)
+    layers, grads = by_autograd(model, batches)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B["default"].weight.zero_()
+    layers, grads = by_autograd(model, batches)  # the premise: SNIP is exactly 0 for every module
+    assert all(float((w * g).abs().sum()) == 0.0 for w, g in grads.items())
+    with pytest.raises(UserInputError, match="heuristic snip: every candidate's B is 0"):
+        score_modules(model, batches, "snip")
+    assert len(set(score_modules(model, batches, "grad_norm").values())) == 4  # grad_norm still tells them apart
+
+
+def test_offline_snip_search_is_refused_in_the_config():
+    from ranktune.config import validate_config
+
+    base = {"model": {"name_or_path": "m"}, "data": {"train": "t"}}
+    with pytest.raises(UserInputError, match="offline snip scores every module whose B has never trained"):
+        validate_config({**base, "allocation": {"method": "hetero", "heuristic": "snip"}})
+    assert validate_config({**base, "allocation": {"method": "hetero", "heuristic": "snip", "online": True}})

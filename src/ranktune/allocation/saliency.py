@@ -16,8 +16,9 @@ world_size-th batch and gradient sums are all-reduced before scoring, so every p
   whole projection (base + LoRA); for a shortcut connection only its low-rank term (its base, identity or zero,
   stays).
 
-At initialisation (B = 0) ∂L/∂A = 0, so grad_norm is driven by B alone and snip ties at 0 for every module; the
-seeded tie-break of `plan` then decides. Scores are informative once B has trained (dynamic search).
+At initialisation (B = 0) ∂L/∂A = 0, so grad_norm is driven by B alone and snip is exactly 0 for every module: a
+plan from it would be the seeded random one, so snip is refused while every B is 0. It is informative once B has
+trained (the dynamic search's online scoring).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import nn
 
 from ranktune.adapters.shortcuts import find_shortcuts
 from ranktune.allocation.methods.hetero import HEURISTICS
+from ranktune.errors import UserInputError
 
 ADAPTER = "default"
 ALPHAS = tuple(i / 10 for i in range(11))
@@ -228,6 +230,9 @@ def score_modules(
 
     Returns:
         {module name in the base model: score}.
+
+    Raises:
+        UserInputError: snip while every candidate's B is 0 (it scores them all 0).
     """
     layers = candidates(model)
     was_training = model.training
@@ -235,6 +240,12 @@ def score_modules(
     try:
         if heuristic == "constant":
             return dict.fromkeys(layers, 1.0)
+        if heuristic == "snip" and not any(_factors(layer)[1].any() for layer in layers.values()):
+            raise UserInputError(
+                "heuristic snip: every candidate's B is 0 (a freshly initialised LoRA), so |A ⊙ dL/dA| + "
+                "|B ⊙ dL/dB| is exactly 0 for all of them and a plan from it would be a random one; score before "
+                "training with grad_norm, synflow or alpha_test"
+            )
         if heuristic in ("grad_norm", "snip"):
             return _gradient_scores(model, layers, batches, snip=heuristic == "snip")
         if heuristic == "synflow":

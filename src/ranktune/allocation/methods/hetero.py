@@ -48,6 +48,12 @@ class HeteroSettings(MethodSettings):
             raise ValueError(
                 f"online scoring uses the training gradients: heuristic grad_norm or snip, not {self.heuristic}"
             )
+        if self.heuristic == "snip" and not self.online:
+            raise ValueError(
+                "offline snip scores every module whose B has never trained exactly 0 (B starts at 0), so the "
+                "first selection would be random and the modules it leaves out would never be chosen; use "
+                "online: true with snip, or another heuristic"
+            )
         return self
 
 
