@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from safetensors.torch import load_file
 
@@ -105,3 +106,37 @@ def test_static_search_over_lora_modules_and_shortcut_connections(make_model_dir
     assert set(saved) == kept_connections
     adapter = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == sorted(kept - connections)
+
+
+def test_plan_writes_the_ranks_as_peft_lora_config_fields(make_model_dir, tmp_path):
+    """--peft-out: plain LoraConfig fields that put exactly the kept modules at their planned ranks, each at the
+    pool's scale alpha / r, and leave shortcut connections (which PEFT cannot express) out."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    names = [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    modules = {name: {"score": float(8 - n), "in_features": 32, "out_features": 32} for n, name in enumerate(names)}
+    modules["model.layers.1.residual1"] = {"score": 100.0, "rank": 2, "in_features": 32, "out_features": 32}
+    scores = {"format": "ranktune-saliency-1", "heuristic": "grad_norm", "lora_r": 4, "lora_alpha": 8.0}
+    (tmp_path / "s.json").write_text(json.dumps({**scores, "modules": modules}))
+    planned = run_cli(
+        "plan", "s.json", "--keep", "0.5", "--redistribute", "--out", "plan.yaml", "--peft-out", "lora.json",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert planned.returncode == 0, planned.stderr
+    plan = yaml.safe_load((tmp_path / "plan.yaml").read_text())["modules"]
+    kept = {name: entry["rank"] for name, entry in plan.items() if entry["enabled"] and "residual" not in name}
+    fields = json.loads((tmp_path / "lora.json").read_text())
+    assert fields["r"] == 4 and fields["lora_alpha"] == 8.0 and sorted(fields["target_modules"]) == sorted(kept)
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(make_model_dir("llama")), LoraConfig(**fields))
+    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert {name: layer.r["default"] for name, layer in layers.items()} == kept
+    assert len(set(kept.values())) > 1  # redistributed
+    assert all(layer.scaling["default"] == pytest.approx(8.0 / 4) for layer in layers.values())
+
+
+def test_peft_out_needs_a_json_name(tmp_path):
+    result = run_cli("plan", "s.json", "--out", "plan.yaml", "--peft-out", "lora.yaml", cwd=tmp_path)
+    assert_clean_error(result, 2, "--peft-out expects a .json file name")

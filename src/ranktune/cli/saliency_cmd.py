@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         "batches": len(batches),
         "config": args.config,
         "lora_r": config.lora.r,
+        "lora_alpha": config.lora.alpha,
         "modules": {
             name: {
                 "score": scores[name],
