@@ -20,7 +20,7 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ranktune.adapters.layout import RANK_HISTORY, RUN_INFO
-from ranktune.adapters.shortcuts import find_shortcuts
+from ranktune.adapters.shortcuts import ShortcutSet, find_shortcuts
 from ranktune.allocation.callback import AllocationCallback
 from ranktune.allocation.registry import AdaptedModel, BuildContext, build_adapter, method_of
 from ranktune.config import DataConfig, RunConfig
@@ -236,6 +236,8 @@ class TrainingSession:
     test_metrics: Callable[[], dict[str, Any] | None]
     trainable_parameters: int
     """Counted before training (L1RA's gates become trainable when it starts)."""
+    shortcuts: ShortcutSet | None
+    """The shortcut connections the Trainer checkpoints and the export writes beside the adapter."""
 
     @property
     def main_process(self) -> bool:
@@ -286,7 +288,7 @@ def build_trainer(
         return evaluate(adapted.model, test, collator, task, num_labels, args.per_device_eval_batch_size)
 
     trainable = adapted.model.get_nb_trainable_parameters()[0]
-    return TrainingSession(trainer, adapted, stopper, test_metrics, trainable)
+    return TrainingSession(trainer, adapted, stopper, test_metrics, trainable, shortcuts)
 
 
 def choose_resume_checkpoint(trainer: RanktuneTrainer, output_dir: Path) -> str:
@@ -338,6 +340,6 @@ def export_adapter(
         return {RUN_INFO: info}
 
     factors = strategy.folded_factors() if strategy is not None else None
-    write_adapter(model, run.tokenizer, output_dir, factors=factors, sidecars=sidecars, shortcuts=find_shortcuts(model))
+    write_adapter(model, run.tokenizer, output_dir, factors=factors, sidecars=sidecars, shortcuts=session.shortcuts)
     _log(f"adapter saved to {output_dir}")
     return info
