@@ -50,6 +50,7 @@ METHOD_SETTINGS: dict[str, dict[str, object]] = {
     "adalora": {"init_r": 6, "target_r": 3, "tinit": 2, "tfinal": 4, "deltaT": 2},
     "hetero": {"every": 4, "batches": 2},
     "eva": {"rho": 2.0, "batches": 4},
+    "gradient": {"rho": 2.0, "batches": 2},
 }
 METHODS = [method.name for method in registered_methods()]
 CAPABILITIES = {method.name: method.capabilities for method in registered_methods()}

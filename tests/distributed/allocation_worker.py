@@ -1,12 +1,13 @@
 """One L1RA, AdaLoRA, HeteroLoRA or EVA training process, alone or under torchrun; dumps its final allocation state.
 
-Usage: python allocation_worker.py l1ra|adalora|hetero|eva MODEL_DIR OUT_DIR PER_DEVICE_BATCH
+Usage: python allocation_worker.py l1ra|adalora|hetero|eva|gradient MODEL_DIR OUT_DIR PER_DEVICE_BATCH
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -111,16 +112,17 @@ def hetero(model, args: TrainingArguments, common: dict) -> dict:
     return state
 
 
-def eva(model, args: TrainingArguments, common: dict) -> dict:
-    """EVA through the registry's builder, as `ranktune train` builds it: 4 calibration batches of 8 rows shared out
-    among the processes, whose inputs PEFT gathers; then 16 training steps."""
+def before_step_zero(allocation: dict, model, args: TrainingArguments, common: dict) -> dict:
+    """A method that sets ranks from calibration batches, through the registry's builder as `ranktune train` builds
+    it: 4 batches shared out among the processes (EVA gathers their inputs, the gradient method sums their
+    gradients); then 16 training steps."""
     from ranktune.allocation.registry import BuildContext, build_adapter
     from ranktune.config import validate_config
 
     config = validate_config({
         "model": {"name_or_path": "unused"}, "data": {"train": "unused"},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-        "allocation": {"method": "eva", "rho": 2.0, "batches": 4},
+        "allocation": allocation,
     })  # fmt: skip
     context = BuildContext(args, common["train_dataset"], common["data_collator"], Path(args.output_dir), seed=0)
     adapted = build_adapter(model, config, context)
@@ -151,7 +153,12 @@ def main(method: str, model_dir: str, out_dir: str, batch: int) -> None:
         "data_collator": DataCollatorForLanguageModeling(tokenizer, mlm=False),
         "processing_class": tokenizer,
     }
-    state = {"l1ra": l1ra, "adalora": adalora, "hetero": hetero, "eva": eva}[method](model, args, common)
+    methods = {
+        "l1ra": l1ra, "adalora": adalora, "hetero": hetero,
+        "eva": partial(before_step_zero, {"method": "eva", "rho": 2.0, "batches": 4}),
+        "gradient": partial(before_step_zero, {"method": "gradient", "rho": 2.0, "batches": 4}),
+    }  # fmt: skip
+    state = methods[method](model, args, common)
     torch.save(state, Path(out_dir) / f"state-{int(os.environ.get('RANK', '0'))}.pt")
 
 

@@ -6,7 +6,7 @@ A new method is one module here (its settings, builder and capabilities) plus it
 
 from importlib import import_module
 
-BUILTINS = ("none", "l1ra", "adalora", "hetero", "eva")
+BUILTINS = ("none", "l1ra", "adalora", "hetero", "eva", "gradient")
 
 for _name in BUILTINS:
     import_module(f"{__name__}.{_name}")

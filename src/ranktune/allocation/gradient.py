@@ -1,0 +1,149 @@
+"""The gradient method's computation: the base weights' gradient, ranks from its spectrum under a parameter budget,
+and A from its top right singular vectors.
+
+The candidate modules are found by attaching the `lora` section's pool with PEFT (so `target_modules` means exactly
+what it means in training) and unloading it after the gradient is taken: with B = 0 the pool adds nothing to the
+forward pass, so the gradient of each base weight is the full fine-tuning gradient at step 0.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from transformers import PreTrainedModel
+
+from ranktune.adapters.lora import attach_peft, build_lora_config, lora_layers
+from ranktune.allocation.methods.gradient import GradientSettings
+from ranktune.allocation.saliency import Batch
+from ranktune.config import RunConfig
+from ranktune.errors import UserInputError
+
+# PEFT's default A (kaiming_uniform with a = √5) has entries U(-1/√in, 1/√in): each row's expected squared norm is 1/3.
+DEFAULT_ROW_NORM = 1 / math.sqrt(3)
+
+
+def _weight_gradient(layer: LoraLayer) -> torch.Tensor:
+    """The base weight's .grad as (out, in) float32; GPT-2's Conv1D stores its weight as (in, out)."""
+    grad = layer.get_base_layer().weight.grad.float()
+    return grad.T if layer.fan_in_fan_out else grad
+
+
+@torch.no_grad()
+def _summed_across_processes(gradients: dict[str, torch.Tensor], batches: int) -> tuple[dict[str, torch.Tensor], int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return gradients, batches
+    names = sorted(gradients)
+    flat = torch.cat([gradients[name].flatten() for name in names] + [torch.tensor([float(batches)])])
+    dist.all_reduce(flat)
+    chunks = flat[:-1].split([gradients[name].numel() for name in names])
+    return {name: chunk.view_as(gradients[name]) for name, chunk in zip(names, chunks, strict=True)}, int(flat[-1])
+
+
+def full_gradients(model: PeftModel, batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
+    """The mean over every process's batches of ∂loss/∂W for each adapted module's base weight W: (out, in).
+
+    Runs in eval mode (no dropout), so every process and a resumed run compute the same gradient.
+    """
+    layers = lora_layers(model)
+    was_training = model.training
+    model.eval()
+    frozen = {name: param.requires_grad for name, param in model.named_parameters()}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    weights = [layer.get_base_layer().weight for layer in layers.values()]
+    for weight in weights:
+        weight.requires_grad_(True)
+        weight.grad = None
+    device = weights[0].device
+    try:
+        with torch.enable_grad():
+            for batch in batches:
+                inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                model(**inputs).loss.backward()
+        summed = {name: _weight_gradient(layer) for name, layer in layers.items()}
+    finally:
+        for weight in weights:
+            weight.grad = None
+        for name, param in model.named_parameters():
+            param.requires_grad_(frozen[name])
+        model.train(was_training)
+    summed, count = _summed_across_processes(summed, len(batches))
+    return {name: grad / count for name, grad in summed.items()}
+
+
+def allocate_ranks(
+    spectra: dict[str, torch.Tensor], costs: dict[str, int], budget: int, max_ranks: dict[str, int]
+) -> dict[str, int]:
+    """Ranks that spend at most `budget` parameters: every module starts at rank 1, then the next component with the
+    largest σ² per parameter (σ from `spectra`, descending; a rank of module m costs `costs[m]`) is added while it
+    fits, up to `max_ranks[m]`. Ties go to the module name that sorts first, so the choice is reproducible."""
+    ranks = dict.fromkeys(spectra, 1)
+    left = budget - sum(costs.values())
+    if left < 0:
+        raise UserInputError(f"the parameter budget ({budget}) is below rank 1 on every target ({budget - left})")
+    heap = [(-float(spectra[name][1] ** 2) / costs[name], name) for name in sorted(spectra) if max_ranks[name] > 1]
+    heapq.heapify(heap)
+    while heap:
+        _, name = heapq.heappop(heap)
+        if costs[name] > left:
+            continue  # this module's next rank does not fit; cheaper modules may still
+        ranks[name] += 1
+        left -= costs[name]
+        if ranks[name] < max_ranks[name]:
+            heapq.heappush(heap, (-float(spectra[name][ranks[name]] ** 2) / costs[name], name))
+    return ranks
+
+
+def attach_gradient_lora(
+    model: PreTrainedModel,
+    config: RunConfig,
+    settings: GradientSettings,
+    batches: Sequence[Batch],
+    gradient_checkpointing: bool = False,
+) -> PeftModel:
+    """LoRA on the `lora` section's targets at the ranks the gradient gives, each module keeping the scale
+    alpha / r of the section, A from the gradient (`init: gradient`) or PEFT's default, B = 0.
+
+    Raises:
+        UserInputError: a quantized base (its weights have no gradient to take).
+    """
+    if getattr(model, "is_quantized", False):
+        raise UserInputError("allocation.method 'gradient' needs the base weights' gradient: use an unquantized base")
+    lora = config.lora
+    pool = attach_peft(model, build_lora_config(lora, config.model.task))
+    gradients = full_gradients(pool, batches)
+    shapes = {name: (layer.out_features, layer.in_features) for name, layer in lora_layers(pool).items()}
+    model = pool.unload()
+
+    decompositions = {name: torch.linalg.svd(grad, full_matrices=False) for name, grad in gradients.items()}
+    costs = {name: out + inp for name, (out, inp) in shapes.items()}
+    max_ranks = {name: max(1, min(math.floor(settings.rho * lora.r), *shapes[name])) for name in shapes}
+    if settings.rho == 1.0:
+        ranks = {name: min(lora.r, max_ranks[name]) for name in shapes}
+    else:
+        spectra = {name: s for name, (_, s, _) in decompositions.items()}
+        ranks = allocate_ranks(spectra, costs, lora.r * sum(costs.values()), max_ranks)
+
+    scale = lora.alpha / lora.r
+    chosen = lora.model_copy(
+        update={
+            "target_modules": sorted(ranks),
+            "exclude_modules": None,
+            "rank_pattern": {name: rank for name, rank in ranks.items() if rank != lora.r},
+            "alpha_pattern": {name: scale * rank for name, rank in ranks.items() if rank != lora.r},
+        }
+    )
+    peft_model = attach_peft(model, build_lora_config(chosen, config.model.task), gradient_checkpointing)
+    if settings.init == "gradient":
+        with torch.no_grad():
+            for name, layer in lora_layers(peft_model).items():
+                _, _, vt = decompositions[name]  # vt: (min(out, in), in)
+                lora_a = layer.lora_A[peft_model.active_adapter].weight  # (r, in)
+                lora_a.copy_(vt[: lora_a.shape[0]] * DEFAULT_ROW_NORM)
+    return peft_model

@@ -1,0 +1,71 @@
+"""Gradient: each module's rank and initial A from the full fine-tuning gradient over calibration batches.
+
+Before step 0 the base weights' gradient G (out × in) is averaged over `batches` training batches. Its singular
+values say how much of a gradient step a rank-k update of that module can take (Σ of the top k σ²), and a rank of a
+module costs in + out parameters, so ranks go greedily to the largest σ² per parameter until the `lora` section's
+parameter budget (r on every target) is spent, each module between 1 and rho · r. With `init: gradient` each A
+starts as the top right singular vectors of G (B = 0), so the first steps move along the gradient's main directions;
+the base weights are left untouched and the adapter exports as plain LoRA on the original base. `rho` 1 keeps
+uniform ranks (the init alone); `init: lora` keeps PEFT's default init (the allocation alone).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field
+
+from ranktune.allocation.registry import (
+    AdaptedModel,
+    BuildContext,
+    Capabilities,
+    MethodSettings,
+    register_allocation_method,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from ranktune.config import RunConfig
+
+
+class GradientSettings(MethodSettings):
+    """How many batches the gradient is averaged over, how far a module's rank may rise, and how A starts.
+
+    `rho`: a module's rank is at most rho · lora.r (1: uniform ranks). `init`: `gradient` (A from the gradient's top
+    right singular vectors, at the row norm of PEFT's default init) or `lora` (PEFT's default). `batches` batches of
+    the training batch size are drawn from the start of the training data (under DDP, shared out among the processes
+    and their gradients summed, so every process takes the same decision).
+    """
+
+    method: Literal["gradient"] = "gradient"
+    rho: float = Field(default=2.0, ge=1.0)
+    init: Literal["gradient", "lora"] = "gradient"
+    batches: int = Field(default=8, gt=0)
+
+
+def build(model: PreTrainedModel, config: RunConfig, context: BuildContext) -> AdaptedModel:
+    """The base model's gradient over the first `batches` training batches, then LoRA at the ranks it gives."""
+    from ranktune.allocation.fixed_ranks import FixedRanks
+    from ranktune.allocation.gradient import attach_gradient_lora
+
+    settings: GradientSettings = config.allocation
+    batches = context.calibration_batches(settings.batches, shard=True)  # the gradients are summed across processes
+    model = attach_gradient_lora(model, config, settings, batches, context.gradient_checkpointing)
+    return AdaptedModel(model, FixedRanks(model, "gradient"))
+
+
+METHOD = register_allocation_method(
+    name="gradient",
+    settings=GradientSettings,
+    build=build,
+    capabilities=Capabilities(
+        shortcuts=False,
+        plans=False,
+        per_module_settings=False,
+        rank_pattern=False,
+        dora=False,
+        calibration_batches=True,
+        moves_ranks="before_training",
+    ),
+)
