@@ -1,13 +1,13 @@
-"""What each method buys: LoRA at several ranks against L1RA, AdaLoRA and HeteroLoRA at a matched budget.
+"""The quality study: LoRA's parameter curve and every allocation method, tuned alike, over paired seeds.
 
-Every run goes through ranktune's own `train` (and, for static HeteroLoRA, `ranktune saliency` and `ranktune plan`);
-test metrics come from `ranktune eval` on the saved adapter, so what is measured is what a user gets. Each method is
-tuned on validation data over an equal-sized grid with the first seed, the chosen setting runs with the other seeds,
-and only those runs are evaluated on test data. Runs are cached in `--work` (one JSON line each), so an interrupted
-study resumes where it stopped. Writes docs/results.md, its plots and heatmaps (docs/results/), and the raw records
-(docs/data/results.json).
+Every run goes through ranktune's own `train`; its test metrics come from `ranktune eval` on the saved adapter, so
+what is measured is what a user gets. Selection reads validation only. The record of every finished run is appended
+to docs/data/quality/records.jsonl (committed), so a study stopped at any point, on any machine, continues where it
+stopped in a fresh clone; the adapters themselves live under --work and are not needed again. Writes docs/results.md
+and its plots from the records.
 
-    python -m benchmarks.quality [--profile cpu|gpu] [--tasks NAME ...] [--methods NAME ...] [--work runs/quality]
+    python -m benchmarks.quality [--profile cpu|gpu] [--tasks NAME ...] [--methods NAME ...] [--jobs 2]
+    python -m benchmarks.quality --report-only     # the report from the committed records, no training
 """
 
 from __future__ import annotations
@@ -16,47 +16,59 @@ import argparse
 import contextlib
 import io
 import json
-import math
+import os
 import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
-import yaml
+from benchmarks.quality_study import PROFILES, Method, Profile, Task, base_grid, extension, run_config, run_id
 
-from benchmarks.quality_report import write_report
-from benchmarks.quality_study import (
-    PROFILES,
-    GridPoint,
-    Method,
-    Profile,
-    Task,
-    baseline_id,
-    grid,
-    keep_fraction,
-    run_config,
-    run_id,
-)
+RECORDS = Path("docs/data/quality/records.jsonl")
 
 
-def _quiet() -> None:
-    """The study prints one line per run; each run's own output goes to its log file."""
+class RunFailed(RuntimeError):
+    """A run of the study failed; its log says why."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the study."""
+
+    task: Task
+    method: Method
+    learning_rate: float
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return run_id(self.task, self.method, self.learning_rate, self.seed)
+
+    def describe(self) -> str:
+        return f"{self.task.name} / {self.method.label} (lr {self.learning_rate:g}, seed {self.seed})"
+
+
+# --- one run, in a worker process -------------------------------------------------------------------------------
+
+
+def _init_worker(threads: int) -> None:
+    """Each worker: `threads` torch threads, and the libraries' own progress output silenced."""
+    import torch
+
+    torch.set_num_threads(threads)
     import datasets
     import transformers
 
     from ranktune.cli.main import _quiet_libraries
 
     _quiet_libraries()
-    transformers.logging.set_verbosity_error()  # already imported here, so the variables came too late for it
+    transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-
-
-class RunFailed(RuntimeError):
-    """A run of the study failed; its log says why."""
 
 
 @contextlib.contextmanager
@@ -74,219 +86,191 @@ def _cli(*argv: str) -> str:
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
         code = main(list(argv))
-    sys.stdout.write(captured.getvalue())
     if code != 0:
         raise RunFailed(f"`ranktune {' '.join(argv)}` exited with {code}")
     return captured.getvalue()
 
 
-def static_plan(config: dict[str, Any], heuristic: str, batches: int, seed: int, folder: Path) -> str:
-    """Static HeteroLoRA: scores the config's pool with `ranktune saliency`, keeps its budget with `ranktune plan`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    pool_config = folder / "pool.yaml"
-    pool_config.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    scores, plan = folder / "scores.json", folder / "plan.yaml"
-    _cli("saliency", str(pool_config), "--heuristic", heuristic, "--batches", str(batches), "--out", str(scores))
-    keep = keep_fraction(config["lora"]["r"])
-    _cli("plan", str(scores), "--keep", str(keep), "--seed", str(seed), "--out", str(plan))
-    return str(plan)
+def adapter_size(adapter_dir: Path) -> dict[str, Any]:
+    """LoRA modules, total rank, rank range and parameters of the exported adapter."""
+    from ranktune.adapters.layout import module_totals, read_module_ranks
 
-
-def adapter_size(adapter_dir: Path) -> dict[str, int]:
-    """LoRA modules, total rank and parameters of the exported adapter, shortcut connections included."""
-    from ranktune.adapters.layout import module_totals, read_module_ranks, read_shortcut_ranks
-
-    lora = module_totals(read_module_ranks(adapter_dir))
-    shortcuts = module_totals(read_shortcut_ranks(adapter_dir))
+    ranks = read_module_ranks(adapter_dir)
+    totals = module_totals(ranks)
+    values = [module.rank for module in ranks] or [0]
     return {
-        "modules": lora["module_count"],
-        "total_rank": lora["total_rank"],
-        "shortcuts": shortcuts["module_count"],
-        "adapter_parameters": lora["adapter_parameters"] + shortcuts["adapter_parameters"],
+        "modules": totals["module_count"],
+        "total_rank": totals["total_rank"],
+        "rank_range": [min(values), max(values)],
+        "adapter_parameters": totals["adapter_parameters"],
     }
 
 
-def train_one(task: Task, method: Method, point: GridPoint, seed: int, folder: Path) -> dict[str, Any]:
-    """One training run (after its static search, if any); returns its record without test metrics."""
-    from ranktune import train
+def validation_history(output_dir: Path, metric: str) -> list[list[float]]:
+    """[[step, validation metric], ...] from the run's metrics.jsonl, in step order."""
+    history = []
+    for line in (output_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        entry = json.loads(line)
+        if f"eval_{metric}" in entry:
+            history.append([int(entry["step"]), float(entry[f"eval_{metric}"])])
+    return sorted(history)
+
+
+def execute(spec: RunSpec, work: str, keep_adapter: bool = False) -> dict[str, Any]:
+    """Trains one run, scores its saved adapter on the test file, and returns its record (the adapter is deleted
+    unless `keep_adapter`: the record holds what the report needs)."""
+    import torch
+
+    from ranktune import assets, train
     from ranktune.config import validate_config
 
-    config = run_config(task, method, point, seed, str(folder))
-    del config["data"]["test"]  # read only by `evaluate_test`, for the chosen settings; `train` would score it twice
+    task, method = spec.task, spec.method
+    folder = Path(work) / task.name / method.name / f"{spec.key}-seed{spec.seed}"
     started = time.perf_counter()
-    if method.static_search:
-        search = folder.with_name(f"{folder.name}-search")
-        config["lora"]["plan"] = static_plan(config, method.static_search, task.saliency_batches, seed, search)
-    result = train(validate_config(config, source=f"{task.name}/{method.name}"), overwrite=True)
-    wall = time.perf_counter() - started
-    metric_key = f"eval_{task.metric}"
-    second_key = f"eval_{task.second_metric}"
+    try:
+        with _logged(folder.with_suffix(".log")):
+            config = run_config(task, method, spec.learning_rate, spec.seed, str(folder))
+            result = train(validate_config(config, source=spec.describe()), overwrite=True)
+            train_wall = time.perf_counter() - started
+            argv = ["eval", str(folder), "--data", assets.resolve(task.test), "--json", "--batch-size", "64"]
+            if task.test_samples:
+                argv += ["--max-samples", str(task.test_samples)]
+            test = json.loads(_cli(*argv).strip().splitlines()[-1])
+            history = validation_history(folder, task.metric)
+            size = adapter_size(folder)
+    except Exception as error:
+        raise RunFailed(f"{spec.describe()} failed: {error}; see {folder.with_suffix('.log')}") from error
+    final = {key.removeprefix("eval_"): value for key, value in result.metrics.items() if key.startswith("eval_")}
+    if not keep_adapter:
+        shutil.rmtree(folder, ignore_errors=True)
     return {
-        "validation": {task.metric: result.metrics[metric_key], task.second_metric: result.metrics.get(second_key)},
-        "train_seconds": result.metrics["train_runtime"],
-        "wall_seconds": wall,
+        "id": spec.key,
+        "task": task.name,
+        "method": method.name,
+        "learning_rate": spec.learning_rate,
+        "seed": spec.seed,
+        "validation": {task.metric: final[task.metric], task.second_metric: final.get(task.second_metric)},
+        "history": history,
+        "test": {task.metric: test[task.metric], task.second_metric: test.get(task.second_metric)},
         "trained_parameters": result.info["trainable_parameters"],
-        **adapter_size(folder),
+        **size,
+        "train_seconds": float(result.metrics["train_runtime"]),
+        "run_seconds": train_wall,
+        "threads": torch.get_num_threads(),
     }
 
 
-def evaluate_test(task: Task, adapter_dir: Path) -> dict[str, Any]:
-    """`ranktune eval ADAPTER --data TEST --json`: the test metrics of a saved adapter."""
-    from ranktune import assets
-
-    printed = _cli("eval", str(adapter_dir), "--data", assets.resolve(task.data["test"]), "--json")
-    return json.loads(printed.strip().splitlines()[-1])
-
-
-def untrained_baseline(task: Task) -> dict[str, Any]:
-    """What the task's test metrics are without fine-tuning: a classifier that always answers the training split's
-    most common label, or the base language model with no adapter (scored like `ranktune eval`)."""
-    from ranktune.config import validate_config
-    from ranktune.data import build_collator
-    from ranktune.evaluation import classification_metrics, evaluate
-    from ranktune.training.run import prepare_run
-
-    config = {"model": task.model, "data": task.data, "output_dir": "unused"}
-    run = prepare_run(validate_config(config, source=f"{task.name} baseline"))
-    test = run.datasets["test"]
-    if task.model["task"] == "classification":
-        labels = list(run.datasets["train"]["labels"])
-        majority = max(set(labels), key=labels.count)
-        truth = np.asarray(test["labels"])
-        metrics = classification_metrics(np.full_like(truth, majority), truth, len(run.label_names))
-        return {**metrics, "label": f"always '{run.label_names[majority]}' (no training)"}
-    collator = build_collator(run.tokenizer, "causal_lm")
-    metrics = evaluate(run.model, test, collator, "causal_lm", batch_size=8)
-    return {**metrics, "label": "the base model (no adapter)"}
+# --- records and scheduling -------------------------------------------------------------------------------------
 
 
 @dataclass
 class RecordStore:
-    """The study's records, one JSON line per run, read back on a rerun so finished runs are not repeated."""
+    """The study's records, one JSON line per finished run, read back so that finished runs are not repeated."""
 
     path: Path
 
     def load(self) -> dict[str, dict[str, Any]]:
-        """{run id: record}; a run written twice (trained, then tested) keeps its last line."""
+        """{run id: record}; a torn last line (a run killed while writing) is skipped."""
         if not self.path.is_file():
             return {}
         records = {}
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short when a run was killed while writing it
+            except json.JSONDecodeError:
                 continue
             records[record["id"]] = record
         return records
 
-    def forget(self, tasks: set[str], methods: set[str]) -> None:
-        """Drops the records of these tasks' and methods' runs (and baselines of these tasks), keeping the rest."""
-        kept = [
-            json.dumps(record)
-            for record in self.load().values()
-            if record["task"] not in tasks or (record.get("method") not in methods and not record.get("baseline"))
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
     def append(self, record: dict[str, Any]) -> None:
-        """Adds one line, so a study stopped at any point keeps every run it finished."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as out:
             out.write(json.dumps(record) + "\n")
 
 
-def comparable(value: float, task: Task) -> float:
-    """A metric turned so that larger is better; a diverged run (NaN or infinite) is the worst of all."""
-    if not math.isfinite(value):
-        return -math.inf
-    return value if task.higher_is_better else -value
+def better(task: Task, a: float, b: float) -> bool:
+    """Whether metric value `a` beats `b` on this task (a NaN never does)."""
+    if a != a:  # NaN
+        return False
+    return a > b if task.higher_is_better else a < b
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Where a method's tuning stands on a task."""
+
+    grid: list[float]
+    chosen: float | None  # None until every point of the grid has run
+    settled: bool  # chosen is final (inside the grid, or the extensions are used up)
+
+
+def select(task: Task, method: Method, seed: int, records: dict[str, dict[str, Any]]) -> Selection:
+    """The tuning grid so far (base grid plus the extensions the results called for) and its choice."""
+    grid = list(base_grid(task, method))
+    while True:
+        results = {lr: records.get(run_id(task, method, lr, seed)) for lr in grid}
+        if any(record is None for record in results.values()):
+            return Selection(grid, None, False)
+        chosen = grid[0]
+        for lr in grid[1:]:
+            if better(task, results[lr]["validation"][task.metric], results[chosen]["validation"][task.metric]):
+                chosen = lr
+        more = extension(grid, chosen)
+        if more is None or more in grid:
+            return Selection(grid, chosen, True)
+        grid.append(more)
+
+
+def pending(task: Task, method: Method, seeds: Sequence[int], records: dict[str, dict[str, Any]]) -> list[RunSpec]:
+    """The runs this method needs next on this task: tuning points first, then the chosen setting's other seeds."""
+    first, *others = seeds
+    selection = select(task, method, first, records)
+    if not selection.settled:
+        return [
+            RunSpec(task, method, lr, first) for lr in selection.grid if run_id(task, method, lr, first) not in records
+        ]
+    return [
+        RunSpec(task, method, selection.chosen, seed)
+        for seed in others
+        if run_id(task, method, selection.chosen, seed) not in records
+    ]
 
 
 class Study:
-    """Runs a profile's grid, seeds and test evaluations, printing one progress line per run."""
+    """Runs a profile task by task in rounds (all pending runs of a round in parallel), one line per run."""
 
-    def __init__(self, profile: Profile, work: Path) -> None:
+    def __init__(self, profile: Profile, work: Path, store: RecordStore, keep_adapters: bool = False) -> None:
         self.profile = profile
         self.work = work
-        self.store = RecordStore(work / "records.jsonl")
-        self.records = self.store.load()
-        self.finished: set[str] = set()
-        self.total = sum(
-            len(grid(task, method)) + len(profile.seeds) - 1 for task in profile.tasks for method in profile.methods
-        )
+        self.store = store
+        self.records = store.load()
+        self.keep_adapters = keep_adapters
+        self.done = 0
         self.started = time.perf_counter()
 
     def _progress(self, message: str) -> None:
-        elapsed = time.perf_counter() - self.started
-        print(
-            f"[{len(self.finished)}/{self.total} runs, {elapsed / 60:.1f} min] {message}", file=sys.stderr, flush=True
-        )
+        minutes = (time.perf_counter() - self.started) / 60
+        print(f"[{self.done} runs this session, {minutes:.1f} min] {message}", file=sys.stderr, flush=True)
 
-    def run(self, task: Task, method: Method, point: GridPoint, seed: int, with_test: bool) -> dict[str, Any]:
-        """The record of one run: from the cache if it ran before, else trained now (and tested if asked)."""
-        config = run_config(task, method, point, seed, "")
-        key = run_id(config, method, task)
-        folder = self.work / task.name / method.name / f"{key}-seed{seed}"
-        record = self.records.get(key)
-        done = []
-        if record is None:
-            try:
-                with _logged(folder.with_suffix(".log")):
-                    measured = train_one(task, method, point, seed, folder)
-            except Exception as error:
-                raise RunFailed(f"{task.name} / {method.name} ({point.describe(method)}, seed {seed}) failed: "
-                                f"{error}; see {folder.with_suffix('.log')}") from error  # fmt: skip
-            record = {"id": key, "task": task.name, "method": method.name, "learning_rate": point.learning_rate,
-                      "knob": method.knob[0], "knob_value": point.knob_value, "seed": seed, "adapter_dir": str(folder),
-                      "test": None, **measured}  # fmt: skip
-            self.store.append(record)
-            done.append(f"trained in {record['wall_seconds']:.0f} s")
-        if with_test and record["test"] is None:
-            started = time.perf_counter()
-            with _logged(folder.with_name(folder.name + "-test.log")):
-                record["test"] = evaluate_test(task, Path(record["adapter_dir"]))
-            record["test_seconds"] = time.perf_counter() - started
-            self.store.append(record)
-            done.append("tested")
-        self.records[key] = record
-        if key not in self.finished or done:
-            self.finished.add(key)
-            shown = f"validation {task.metric} {record['validation'][task.metric]:.4f}"
-            if record["test"]:
-                shown += f", test {task.metric} {record['test'][task.metric]:.4f}"
-            self._progress(
-                f"{task.name} / {method.label} ({point.describe(method)}, seed {seed}): {shown}, "
-                f"{record['adapter_parameters']:,} adapter parameters ({', '.join(done) or 'cached'})"
-            )
-        return record
-
-    def baseline(self, task: Task) -> dict[str, Any]:
-        """The task's untrained baseline, from the cache or measured now."""
-        key = baseline_id(task)
-        record = self.records.get(key)
-        if record is None:
-            with _logged(self.work / task.name / "baseline.log"):
-                test = untrained_baseline(task)
-            record = {"id": key, "task": task.name, "baseline": True, "test": test}
-            self.store.append(record)
-            self.records[key] = record
-        shown = f"{record['test'][task.metric]:.4f}"
-        self._progress(f"{task.name} / baseline, {record['test']['label']}: test {task.metric} {shown}")
-        return record["test"]
-
-    def tune_and_repeat(self, task: Task, method: Method) -> dict[str, Any]:
-        """Tunes the method on validation with the first seed, then runs the chosen point with every seed."""
-        first, *others = self.profile.seeds
-        tuning = [(point, self.run(task, method, point, first, with_test=False)) for point in grid(task, method)]
-        chosen, _ = max(tuning, key=lambda pair: comparable(pair[1]["validation"][task.metric], task))
-        final = [self.run(task, method, chosen, seed, with_test=True) for seed in (first, *others)]
-        return {
-            "task": task.name,
-            "method": method.name,
-            "chosen": {"learning_rate": chosen.learning_rate, "knob": method.knob[0], "knob_value": chosen.knob_value},
-            "tuning": [record["id"] for _, record in tuning],
-            "final": [record["id"] for record in final],
-        }
+    def run_task(self, task: Task, pool: ProcessPoolExecutor) -> None:
+        """Rounds until no method of the task has a pending run."""
+        while True:
+            specs = [spec for method in self.profile.methods for spec in pending(task, method, self.profile.seeds,
+                                                                                  self.records)]  # fmt: skip
+            if not specs:
+                return
+            self._progress(f"{task.name}: {len(specs)} runs in this round")
+            futures = {pool.submit(execute, spec, str(self.work), self.keep_adapters): spec for spec in specs}
+            for future, spec in futures.items():
+                record = future.result()
+                self.store.append(record)
+                self.records[record["id"]] = record
+                self.done += 1
+                self._progress(
+                    f"{spec.describe()}: validation {task.metric} {record['validation'][task.metric]:.4f}, "
+                    f"test {record['test'][task.metric]:.4f}, {record['adapter_parameters']:,} adapter parameters, "
+                    f"{record['run_seconds']:.0f} s"
+                )
 
 
 Named = TypeVar("Named", Task, Method)
@@ -303,32 +287,38 @@ def _pick(items: Sequence[Named], names: list[str] | None, flag: str) -> tuple[N
     return tuple(known[name] for name in names)
 
 
-def main() -> None:
+def run_study(profile: Profile, study: Study, jobs: int) -> None:
+    """Every task of the profile in turn, `jobs` runs at a time in worker processes (cores / jobs threads each)."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+        for task in profile.tasks:
+            study.run_task(task, pool)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from benchmarks.quality_report import write_report
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--tasks", nargs="+", metavar="NAME", help="only these tasks (default: all of the profile)")
     parser.add_argument("--methods", nargs="+", metavar="NAME", help="only these methods (default: all)")
-    parser.add_argument("--work", default="runs/quality", help="where runs and the record cache live")
-    parser.add_argument("--out", help="the report (default docs/results.md; required with --tasks or --methods)")
-    parser.add_argument("--fresh", action="store_true", help="delete the cached runs first (after changing ranktune)")
-    args = parser.parse_args()
-    if (args.tasks or args.methods) and not args.out:
-        parser.error("--tasks and --methods make a partial study: give it its own --out, not docs/results.md")
-    _quiet()
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each gets cores / jobs threads)")
+    parser.add_argument("--work", default="runs/quality", help="where runs are written while they train")
+    parser.add_argument("--records", help=f"the record file (default {RECORDS} for cpu, ...-gpu.jsonl for gpu)")
+    parser.add_argument("--out", help="the report (default docs/results.md for the cpu profile)")
+    parser.add_argument("--keep-adapters", action="store_true", help="keep every run's adapter under --work")
+    parser.add_argument("--report-only", action="store_true", help="write the report from the records; train nothing")
+    args = parser.parse_args(argv)
     profile = PROFILES[args.profile]()
-    tasks = _pick(profile.tasks, args.tasks, "--tasks")
-    methods = _pick(profile.methods, args.methods, "--methods")
-    profile = Profile(profile.name, tasks, methods, profile.seeds, profile.notes)
-    work = Path(args.work) / profile.name
-    if args.fresh and (args.tasks or args.methods):
-        RecordStore(work / "records.jsonl").forget({t.name for t in tasks}, {m.name for m in methods})
-    elif args.fresh and work.exists():
-        shutil.rmtree(work)
-    study = Study(profile, work)
-    selections = [study.tune_and_repeat(task, method) for task in profile.tasks for method in profile.methods]
-    baselines = {task.name: study.baseline(task) for task in profile.tasks}
-    written = write_report(profile, selections, study.records, baselines, Path(args.out or "docs/results.md"))
-    for path in written:
+    profile = Profile(profile.name, _pick(profile.tasks, args.tasks, "--tasks"),
+                      _pick(profile.methods, args.methods, "--methods"), profile.seeds, profile.notes)  # fmt: skip
+    default_records = RECORDS if profile.name == "cpu" else RECORDS.with_name(f"records-{profile.name}.jsonl")
+    store = RecordStore(Path(args.records) if args.records else default_records)
+    out = Path(args.out) if args.out else Path("docs/results.md" if profile.name == "cpu" else "docs/results-gpu.md")
+    if not args.report_only:
+        run_study(profile, Study(profile, Path(args.work) / profile.name, store, args.keep_adapters), args.jobs)
+    for path in write_report(profile, store.load(), out):
         print(f"written: {path}")
 
 

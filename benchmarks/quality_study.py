@@ -1,10 +1,12 @@
-"""What the quality study compares: its tasks, its methods with their tuning grids, and its profiles.
+"""What the quality study compares: its tasks, its methods at two parameter budgets, and its profiles.
 
-Every method of a profile gets the same tuning budget on a task: the task's learning rates times two values of the
-method's own knob (an equal-sized grid), chosen on validation data with the first seed; the chosen setting then
-runs with the remaining seeds, and the test split is read only for those runs. The budget every adaptive method is
-matched to is LoRA r 8 on all linear layers: L1RA and AdaLoRA end at the same total rank, HeteroLoRA keeps a quarter
-(or a half) of a pool four (or two) times that rank.
+LoRA at r 1, 2, 4, 8 and 16 on every linear layer is the frontier every method is placed against (quality against
+adapter parameters). The other methods are matched in parameters to LoRA r 2 or r 8: the gradient method and L1RA
+spend LoRA r's parameters by construction; EVA and AdaLoRA keep its total rank (their parameter count is measured and
+reported, and the frontier comparison uses it). Every method gets the same tuning: three learning rates (a method
+whose regime differs, AdaLoRA, gets the same three shifted by a fixed factor), chosen on validation with the first
+seed; a choice at the grid's edge extends the grid by one more step that way, twice at most. The chosen learning rate
+then runs with every seed; seeds are paired across methods (seed s gives every method the same data order).
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-BUDGET_R = 8  # every adaptive method is matched to LoRA r 8 on all linear layers
+STUDY_VERSION = 2  # part of every run id: raise it when a change to ranktune changes what a run computes
+FRONTIER_RANKS = (1, 2, 4, 8, 16)
+BUDGET_RANKS = (2, 8)
+LR_STEP = 2.0  # neighbouring learning rates of a grid differ by this factor; an extension adds one more
+MAX_EXTENSIONS = 2
 
 
 @dataclass(frozen=True)
@@ -23,66 +29,57 @@ class Task:
     """A model, its data and the training settings every method shares.
 
     Attributes:
-        name: a short id, used in file names.
+        name: a short id, used in file names and records.
         title: what the report calls it.
         model: the config's `model` section.
-        data: the config's `data` section (validation and test files included).
-        training: `training` keys shared by every run of the task.
-        learning_rates: the learning-rate half of every method's grid.
-        metric: the validation and test metric the study selects and reports on.
+        data: the config's `data` section without the test file (validation included).
+        test: the test file, scored with `ranktune eval` on every saved adapter (selection never reads it).
+        test_samples: how many test rows are scored (None: all).
+        training: `training` keys shared by every run of the task (max_steps, batch, evaluation steps).
+        learning_rates: the grid every method starts from.
+        metric: the metric the study selects and reports on (validation and test).
         higher_is_better: the metric's direction (accuracy: True; loss: False).
         second_metric: reported beside it.
-        knobs_tuned: False tunes the learning rate only (each method's knob stays at its first value).
-        saliency_batches: batches a static HeteroLoRA search scores over.
     """
 
     name: str
     title: str
     model: dict[str, Any]
     data: dict[str, Any]
+    test: str
     training: dict[str, Any]
     learning_rates: tuple[float, ...]
     metric: str
     higher_is_better: bool
     second_metric: str
-    knobs_tuned: bool = True
-    saliency_batches: int = 16
+    test_samples: int | None = None
+
+    @property
+    def steps(self) -> int:
+        return int(self.training["max_steps"])
 
 
 @dataclass(frozen=True)
 class Method:
-    """One way to spend the parameter budget.
+    """One way to spend a parameter budget.
 
     Attributes:
-        name: a short id, used in file names.
+        name: a short id, used in file names and records.
         label: what the report calls it.
-        sections: config sections (lora, allocation, shortcuts) before the knob is applied.
-        knob: the dotted config key the method tunes, and its two values.
-        static_search: for static HeteroLoRA, the saliency heuristic: `ranktune saliency` then `ranktune plan`
-            run before training, and the plan is the run's `lora.plan`; the pool is the `lora` section.
-        pool: a HeteroLoRA pool, kept at the r-8 budget whatever its rank (see `pool_settings`).
-        lora_r: the uniform rank of a plain LoRA method (it draws the LoRA line in the plot), else None.
+        budget_r: the LoRA rank whose adapter parameters it is matched to.
+        sections: the config's `lora` and `allocation` sections.
+        lr_factor: its grid is the task's grid times this (1 for all but a method with its own regime).
+        frontier: part of LoRA's parameter curve.
+        note: what it tests, in the report.
     """
 
     name: str
     label: str
+    budget_r: int
     sections: dict[str, Any]
-    knob: tuple[str, tuple[Any, ...]]
-    static_search: str | None = None
-    pool: bool = False
-    lora_r: int | None = None
-
-
-@dataclass(frozen=True)
-class GridPoint:
-    """One setting of a method: its learning rate and knob value."""
-
-    learning_rate: float
-    knob_value: Any
-
-    def describe(self, method: Method) -> str:
-        """`lr 0.001, l1ra_lambda 0.3`: the setting in the words of the report."""
-        return f"lr {self.learning_rate:g}, {method.knob[0].split('.')[-1]} {self.knob_value}"
+    lr_factor: float = 1.0
+    frontier: bool = False
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,240 +89,242 @@ class Profile:
     name: str
     tasks: tuple[Task, ...]
     methods: tuple[Method, ...]
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def grid(task: Task, method: Method) -> list[GridPoint]:
-    """The method's tuning grid on a task: learning rates × knob values (first knob value only if not tuned)."""
-    values = method.knob[1] if task.knobs_tuned else method.knob[1][:1]
-    return [GridPoint(lr, value) for value in values for lr in task.learning_rates]
+def base_grid(task: Task, method: Method) -> tuple[float, ...]:
+    """The method's first three learning rates on a task."""
+    return tuple(_round(lr * method.lr_factor) for lr in task.learning_rates)
 
 
-def _set_dotted(sections: dict[str, Any], dotted: str, value: Any) -> None:
-    node = sections
-    *parents, last = dotted.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = value
+def _round(lr: float) -> float:
+    return float(f"{lr:.3g}")
 
 
-def run_config(task: Task, method: Method, point: GridPoint, seed: int, output_dir: str) -> dict[str, Any]:
+def extension(grid: list[float], chosen: float) -> float | None:
+    """The learning rate that extends `grid` past `chosen` when `chosen` is at its edge, else None; None as well
+    once the grid has been extended MAX_EXTENSIONS times (the report then says the choice is at the edge)."""
+    if len(grid) >= 3 + MAX_EXTENSIONS:
+        return None
+    ordered = sorted(grid)
+    if chosen == ordered[-1]:
+        return _round(chosen * LR_STEP)
+    if chosen == ordered[0]:
+        return _round(chosen / LR_STEP)
+    return None
+
+
+def run_config(task: Task, method: Method, learning_rate: float, seed: int, output_dir: str) -> dict[str, Any]:
     """The full `ranktune train` config (a plain mapping) of one run."""
-    sections = copy.deepcopy(method.sections)
-    _set_dotted(sections, method.knob[0], point.knob_value)
-    if method.pool:
-        sections = pool_settings(sections)
-    if sections["allocation"].get("method") == "adalora":
-        sections["lora"]["alpha"] = float(2 * sections["allocation"]["init_r"])  # PEFT scales it by alpha / init_r
-    training = {**task.training, "learning_rate": point.learning_rate, "seed": seed}
     return {
         "model": copy.deepcopy(task.model),
         "data": copy.deepcopy(task.data),
-        **sections,
-        "training": training,
+        **copy.deepcopy(method.sections),
+        "training": {**task.training, "learning_rate": learning_rate, "seed": seed},
         "output_dir": output_dir,
     }
 
 
-def keep_fraction(r: int) -> float:
-    """The share of a HeteroLoRA pool of rank r that spends the r-8 budget."""
-    return BUDGET_R / r
-
-
-def pool_settings(sections: dict[str, Any]) -> dict[str, Any]:
-    """Keeps a HeteroLoRA pool at the r-8 budget whatever its rank: keep = 8 / r, alpha = 2r (the scale of 2 that
-    LoRA r 8 with alpha 16 has). Applied after the knob, so `lora.r` 16 keeps a half of an r-16 pool."""
-    r = sections["lora"]["r"]
-    sections["lora"]["alpha"] = float(2 * r)
-    if sections["allocation"].get("method") == "hetero":
-        sections["allocation"]["keep"] = keep_fraction(r)
-    return sections
-
-
-def run_id(config: dict[str, Any], method: Method, task: Task) -> str:
-    """A short hash of everything that defines a run (not where it is written): the cache key of its record.
-
-    Not the code: after changing ranktune, rerun the study with `--fresh`.
-    """
+def run_id(task: Task, method: Method, learning_rate: float, seed: int) -> str:
+    """A short hash of everything that defines a run (not where it is written): the key of its record."""
+    config = run_config(task, method, learning_rate, seed, "")
     defining = {key: value for key, value in config.items() if key != "output_dir"}
-    defining["static_search"] = [method.static_search, task.saliency_batches] if method.static_search else None
-    return _digest(defining)
-
-
-def baseline_id(task: Task) -> str:
-    """The cache key of a task's untrained baseline: its model and data, nothing a method sets."""
-    return "baseline-" + _digest({"model": task.model, "data": task.data})
-
-
-def _digest(mapping: dict[str, Any]) -> str:
-    return hashlib.sha1(json.dumps(mapping, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    defining["test"] = [task.test, task.test_samples]
+    defining["study_version"] = STUDY_VERSION
+    return hashlib.sha1(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 # --- methods ----------------------------------------------------------------------------------------------------
 
 
 def _lora(r: int) -> dict[str, Any]:
-    return {"r": r, "alpha": 2 * r, "dropout": 0.05, "target_modules": "all-linear"}
+    return {"r": r, "alpha": float(2 * r), "dropout": 0.05, "target_modules": "all-linear"}
 
 
-def methods(l1ra_lambdas: tuple[float, float]) -> tuple[Method, ...]:
-    """The methods of every profile: plain LoRA at three ranks, then each adaptive method at the r-8 budget.
-
-    Knobs: LoRA's alpha (alpha = r and alpha = 2r, the two conventions users type); L1RA's lambda (its
-    regularisation strength, `l1ra_lambdas`: a shorter run needs a stronger one for ranks to move; eta_c 0.05 as in
-    the demo); AdaLoRA's init_r (how much it starts with and prunes away to target_r 8); HeteroLoRA's pool (r 32
-    keeping a quarter, or r 16 keeping a half: the same budget either way); for HeteroLoRA with shortcut
-    connections, their alpha.
-    """
-    methods_: list[Method] = [
+def methods() -> tuple[Method, ...]:
+    """LoRA's curve, then the data-driven methods at the r 8 budget (the gradient method also at r 2), its two
+    ablations, and the methods that move ranks during training."""
+    frontier = [
+        Method(f"lora-r{r}", f"LoRA r {r}", r, {"lora": _lora(r), "allocation": {"method": "none"}}, frontier=True)
+        for r in FRONTIER_RANKS
+    ]
+    gradient = [
         Method(
-            f"lora-r{r}",
-            f"LoRA r {r}",
-            {"lora": _lora(r), "allocation": {"method": "none"}},
-            ("lora.alpha", (float(2 * r), float(r))),
-            lora_r=r,
+            f"gradient-r{r}",
+            f"gradient (ranks + init) at r {r}",
+            r,
+            {"lora": _lora(r), "allocation": {"method": "gradient", "rho": 2.0, "batches": 8}},
+            note="ranks from the gradient's spectrum under the parameter budget, A from its top singular vectors",
         )
-        for r in (4, 8, 16)
+        for r in BUDGET_RANKS
     ]
-    l1ra = {"method": "l1ra", "eta_c": 0.05, "rank_update_ratio": 0.1}
-    methods_ += [
+    others = [
         Method(
-            "l1ra-ranks",
-            "L1RA (budget: ranks)",
-            {"lora": _lora(BUDGET_R), "allocation": {**l1ra, "budget": "ranks"}},
-            ("allocation.l1ra_lambda", l1ra_lambdas),
+            "gradient-ranks-r8",
+            "gradient ranks, LoRA init at r 8",
+            8,
+            {"lora": _lora(8), "allocation": {"method": "gradient", "rho": 2.0, "batches": 8, "init": "lora"}},
+            note="ablation: the gradient method's allocation alone",
         ),
         Method(
-            "l1ra-params",
-            "L1RA (budget: parameters)",
-            {"lora": _lora(BUDGET_R), "allocation": {**l1ra, "budget": "params"}},
-            ("allocation.l1ra_lambda", l1ra_lambdas),
+            "gradient-init-r8",
+            "uniform r 8, gradient init",
+            8,
+            {"lora": _lora(8), "allocation": {"method": "gradient", "rho": 1.0, "batches": 8}},
+            note="ablation: the gradient method's initialisation alone",
         ),
         Method(
-            "adalora",
-            "AdaLoRA",
-            {"lora": _lora(BUDGET_R), "allocation": {"method": "adalora", "target_r": BUDGET_R}},
-            ("allocation.init_r", (12, 16)),
+            "eva-r8",
+            "EVA at r 8",
+            8,
+            {"lora": _lora(8), "allocation": {"method": "eva", "rho": 2.0, "batches": 8}},
+            note="ranks and A from the explained variance of each module's inputs (PEFT's EVA); keeps the total rank",
         ),
         Method(
-            "hetero-static",
-            "HeteroLoRA static (grad_norm)",
-            {"lora": _lora(32), "allocation": {"method": "none"}},
-            ("lora.r", (32, 16)),
-            static_search="grad_norm",
-            pool=True,
-        ),
-        Method(
-            "hetero-dynamic",
-            "HeteroLoRA dynamic (online grad_norm)",
-            {"lora": _lora(32), "allocation": {"method": "hetero", "online": True}},
-            ("lora.r", (32, 16)),
-            pool=True,
-        ),
-        Method(
-            "hetero-shortcuts",
-            "HeteroLoRA dynamic + shortcuts",
+            "l1ra-r8",
+            "L1RA at r 8 (budget: parameters)",
+            8,
             {
-                "lora": _lora(32),
-                "allocation": {"method": "hetero", "online": True, "shortcuts_mode": "combined"},
-                "shortcuts": {"r": BUDGET_R, "alpha": 4.0},
+                "lora": _lora(8),
+                "allocation": {
+                    "method": "l1ra",
+                    "l1ra_lambda": 0.3,
+                    "eta_c": 0.05,
+                    "rank_update_ratio": 0.1,
+                    "budget": "params",
+                },
             },
-            ("shortcuts.alpha", (4.0, 16.0)),
-            pool=True,
+            note="L1 gates prune rank components during training and hand them to other modules",
+        ),
+        Method(
+            "adalora-r8",
+            "AdaLoRA at r 8",
+            8,
+            {"lora": {**_lora(8), "alpha": 24.0}, "allocation": {"method": "adalora", "init_r": 12, "target_r": 8}},
+            lr_factor=4.0,
+            note="PEFT's AdaLoRA, init_r 12 pruned to a total rank of r 8; its learning rates four times the others'",
         ),
     ]
-    return tuple(methods_)
+    return (*frontier, *gradient, *others)
 
 
-# --- profiles -----------------------------------------------------------------------------------------------------
-
-_ROTTEN = {
-    "train": "asset:rotten-tomatoes/train.jsonl",
-    "validation": "asset:rotten-tomatoes/validation.jsonl",
-    "test": "asset:rotten-tomatoes/test.jsonl",
-    "text_column": "text",
-    "label_column": "label",
-}
-_QA = {
-    "train": "asset:chatterbot-qa/train.jsonl",
-    "validation": "asset:chatterbot-qa/validation.jsonl",
-    "test": "asset:chatterbot-qa/test.jsonl",
-    "format": "prompt_completion",
-}
-_QUIET = {"save_strategy": "no", "eval_strategy": "no", "logging_steps": 10, "disable_tqdm": True}
+# --- tasks --------------------------------------------------------------------------------------------------------
 
 
-def _training(epochs: int, batch: int, eval_batch: int) -> dict[str, Any]:
-    return {**_QUIET, "num_train_epochs": epochs, "per_device_train_batch_size": batch,
-            "per_device_eval_batch_size": eval_batch, "warmup_ratio": 0.1}  # fmt: skip
+def _training(steps: int, batch: int, evaluations: int, eval_batch: int) -> dict[str, Any]:
+    return {
+        "max_steps": steps,
+        "per_device_train_batch_size": batch,
+        "per_device_eval_batch_size": eval_batch,
+        "warmup_ratio": 0.1,
+        "eval_strategy": "steps",
+        "eval_steps": steps // evaluations,
+        "save_strategy": "no",
+        "logging_steps": steps // evaluations,
+        "disable_tqdm": True,
+    }
 
 
-def rotten_tomatoes(data: dict[str, Any], training: dict[str, Any], learning_rates: tuple[float, ...],
-                    saliency_batches: int) -> Task:  # fmt: skip
-    """MiniLM-L6 classifying Rotten Tomatoes snippets; `data` adds sizes to the asset's splits."""
+def _minilm(name: str, title: str, data: dict[str, Any], test: str, training: dict[str, Any],
+            learning_rates: tuple[float, ...], test_samples: int | None = None) -> Task:  # fmt: skip
     return Task(
-        name="minilm-rotten-tomatoes",
-        title="MiniLM-L6 on Rotten Tomatoes (sentiment)",
+        name=name,
+        title=title,
         model={"name_or_path": "asset:minilm-l6", "task": "classification"},
-        data={**_ROTTEN, **data},
+        data=data,
+        test=test,
         training=training,
         learning_rates=learning_rates,
         metric="accuracy",
         higher_is_better=True,
         second_metric="macro_f1",
-        saliency_batches=saliency_batches,
+        test_samples=test_samples,
     )
 
 
-def qa_pairs(data: dict[str, Any], training: dict[str, Any], learning_rates: tuple[float, ...],
-             saliency_batches: int, knobs_tuned: bool) -> Task:  # fmt: skip
-    """SmolLM2-135M-Instruct learning the Q&A pairs' answers; `data` adds sizes to the asset's splits."""
+def encoder_tasks(steps: int, batch: int, evaluations: int, learning_rates: tuple[float, ...]) -> tuple[Task, ...]:
+    """MiniLM-L6 on Rotten Tomatoes, SNLI (sentence pairs) and TREC; 1,000 validation rows each (SNLI's test: its
+    first 3,000 rows, to keep every run's test scoring short)."""
+    training = _training(steps, batch, evaluations, eval_batch=128)
+    rotten = {"train": "asset:rotten-tomatoes/train.jsonl", "validation": "asset:rotten-tomatoes/validation.jsonl",
+              "max_length": 64, "max_eval_samples": 1000}  # fmt: skip
+    snli = {"train": "asset:snli/train.jsonl", "validation": "asset:snli/validation.jsonl",
+            "text_column": "premise", "text_pair_column": "hypothesis", "max_length": 64,
+            "max_train_samples": steps * batch, "max_eval_samples": 1000}  # fmt: skip
+    trec = {"train": "asset:trec/train.jsonl", "validation": "asset:trec/validation.jsonl", "max_length": 32}
+    return (
+        _minilm(
+            "minilm-rotten-tomatoes",
+            "MiniLM-L6 on Rotten Tomatoes (sentiment, 2 classes)",
+            rotten,
+            "asset:rotten-tomatoes/test.jsonl",
+            training,
+            learning_rates,
+        ),
+        _minilm(
+            "minilm-snli",
+            "MiniLM-L6 on SNLI (sentence pairs, 3 classes)",
+            snli,
+            "asset:snli/test.jsonl",
+            training,
+            learning_rates,
+            test_samples=3000,
+        ),
+        _minilm(
+            "minilm-trec",
+            "MiniLM-L6 on TREC (question type, 6 classes)",
+            trec,
+            "asset:trec/test.jsonl",
+            training,
+            learning_rates,
+        ),
+    )
+
+
+def qa_task(steps: int, batch: int, evaluations: int, learning_rates: tuple[float, ...]) -> Task:
+    """SmolLM2-135M-Instruct learning the Q&A pairs' answers (loss on the answers only)."""
     return Task(
         name="smollm2-qa",
         title="SmolLM2-135M-Instruct on the Q&A pairs (loss on the answers)",
         model={"name_or_path": "asset:smollm2-135m", "task": "causal_lm"},
-        data={**_QA, **data},
-        training=training,
+        data={
+            "train": "asset:chatterbot-qa/train.jsonl",
+            "validation": "asset:chatterbot-qa/validation.jsonl",
+            "format": "prompt_completion",
+            "max_length": 96,
+        },
+        test="asset:chatterbot-qa/test.jsonl",
+        training=_training(steps, batch, evaluations, eval_batch=16),
         learning_rates=learning_rates,
         metric="loss",
         higher_is_better=False,
         second_metric="perplexity",
-        knobs_tuned=knobs_tuned,
-        saliency_batches=saliency_batches,
     )
 
 
 def cpu_profile() -> Profile:
-    """The default: about an hour on 2 CPU cores."""
-    minilm = rotten_tomatoes({"max_length": 64, "max_train_samples": 1600, "max_eval_samples": 500},
-                             _training(1, 32, 64), (1e-3, 2e-3), saliency_batches=16)  # fmt: skip
-    smollm2 = qa_pairs({"max_length": 128, "max_train_samples": 160, "max_eval_samples": 64},
-                       _training(1, 8, 16), (1e-3, 2e-3), saliency_batches=8, knobs_tuned=False)  # fmt: skip
+    """About six hours on 2 CPU cores (two runs at a time, one thread each)."""
     return Profile(
         "cpu",
-        (minilm, smollm2),
-        methods(l1ra_lambdas=(0.3, 1.0)),
+        (*encoder_tasks(300, 16, 5, (1e-3, 2e-3, 4e-3)), qa_task(100, 8, 5, (2.5e-4, 5e-4, 1e-3))),
+        methods(),
         notes=(
-            "MiniLM: 1,600 training rows, 1 epoch (50 optimizer steps of 32), 500 validation rows, the whole "
-            "1,275-row test split.",
-            "SmolLM2: 160 training pairs, 1 epoch (20 optimizer steps of 8), the 56 validation and 54 test pairs "
-            "(their prompts never occur in training); the learning rate alone is tuned there (each knob at its first "
-            "value) to fit the hour.",
+            "MiniLM tasks: 300 optimizer steps of 16 rows, sequences cut at 64 tokens (TREC: 32), validation on "
+            "1,000 rows every 60 steps.",
+            "SmolLM2: 100 optimizer steps of 8 pairs, sequences cut at 96 tokens, validation on the 56 validation "
+            "pairs (all there are) every 20 steps.",
         ),
     )
 
 
 def gpu_profile() -> Profile:
-    """Larger settings for a GPU (bf16 is ranktune's default there): full data, more epochs, three learning rates."""
-    minilm = rotten_tomatoes({"max_length": 128}, _training(3, 32, 128), (5e-4, 1e-3, 2e-3), saliency_batches=32)
-    smollm2 = qa_pairs({"max_length": 128}, _training(2, 16, 32), (2e-4, 5e-4, 1e-3), saliency_batches=32,
-                       knobs_tuned=True)  # fmt: skip
+    """The long schedules, for a GPU: 3,000 steps of 32 on the encoder tasks, 1,000 steps of 16 on SmolLM2."""
     return Profile(
         "gpu",
-        (minilm, smollm2),
-        methods(l1ra_lambdas=(0.1, 0.3)),
-        notes=("MiniLM: the whole 10,202-row training split, 3 epochs; SmolLM2: all 1,066 training pairs, 2 epochs.",),
+        (*encoder_tasks(3000, 32, 10, (2.5e-4, 5e-4, 1e-3)), qa_task(1000, 16, 10, (1e-4, 2e-4, 4e-4))),
+        methods(),
+        notes=("Encoder tasks: 3,000 steps of 32 rows; SmolLM2: 1,000 steps of 16 pairs.",),
     )
 
 

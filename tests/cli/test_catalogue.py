@@ -494,6 +494,12 @@ CASES: list[Case] = [
         2,
         ("--batch-size",),
     ),
+    Case(
+        "eval max samples 0",
+        lambda ws: ["eval", str(ws.classifier_adapter), "--data", str(ws.train), "--max-samples", "0"],
+        2,
+        ("--max-samples",),
+    ),
     *(
         Case(
             f"{verb} on a folder that is not an adapter",

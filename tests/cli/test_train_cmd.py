@@ -133,6 +133,16 @@ def test_plain_peft_predicts_like_ranktune_eval(classification_run, tmp_path):
     assert metrics["accuracy"] == pytest.approx(sum(a == b for a, b in zip(ours, labels, strict=True)) / len(labels))
 
 
+def test_eval_max_samples_scores_a_seeded_subset(classification_run, tmp_path):
+    """--max-samples N scores N rows, the same N every time."""
+    out, files, _, _ = classification_run
+    first, second = (
+        run_cli("eval", str(out), "--data", str(files["test"]), "--max-samples", "3", "--json") for _ in range(2)
+    )
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["examples"] == 3 and first.stdout == second.stdout
+
+
 def test_inspect_table_json_and_plot(classification_run, tmp_path):
     out = classification_run[0]
     table = run_cli("inspect", str(out), "--plot", str(tmp_path / "ranks.png"))

@@ -17,6 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("adapter_dir")
     parser.add_argument("--data", required=True, help="a local json/jsonl/csv/parquet/txt file, or asset:NAME/FILE")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--max-samples", type=int, metavar="N", help="score a seeded random N rows of the file (the run's data seed)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--predictions", metavar="FILE.jsonl", help="classification: write each example's prediction")
     parser.add_argument(
@@ -50,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     adapter_config = read_adapter_config(adapter_dir)  # refuse a wrong folder before importing torch
     if args.batch_size <= 0:
         raise UserInputError(f"--batch-size must be > 0, got {args.batch_size}")
+    if args.max_samples is not None and args.max_samples <= 0:
+        raise UserInputError(f"--max-samples must be > 0, got {args.max_samples}")
     if args.predictions and adapter_config.get("task_type") == "CAUSAL_LM":
         raise UserInputError("--predictions is for classification adapters")
     from datasets import DatasetDict
@@ -66,12 +71,13 @@ def run(args: argparse.Namespace) -> int:
         predictions_path = check_output_file(args.predictions, "--predictions", inputs)
 
     from ranktune.adapters.loading import load_adapter
-    from ranktune.data import build_collator, load_file, prepare_causal_lm, prepare_classification
+    from ranktune.data import build_collator, load_file, prepare_causal_lm, prepare_classification, subsample
     from ranktune.evaluation import classification_metrics, evaluate, predict_classes
 
     loaded = load_adapter(adapter_dir, trust_remote_code=args.trust_remote_code)
     config = data_config_of(loaded.info, data_path)
-    splits = DatasetDict({"train": load_file(data_path, config.subset)})
+    rows = subsample(load_file(data_path, config.subset), args.max_samples, config.seed)
+    splits = DatasetDict({"train": rows})
     if loaded.task == "classification":
         prepared, _ = prepare_classification(splits, loaded.tokenizer, config, label_names=loaded.label_names)
     else:

@@ -58,11 +58,11 @@ def load_splits(config: DataConfig) -> DatasetDict:
     else:
         train, validation = _split_validation(train, config)
     splits = {
-        "train": _subsample(train, config.max_train_samples, config.seed),
-        "validation": _subsample(validation, config.max_eval_samples, config.seed),
+        "train": subsample(train, config.max_train_samples, config.seed),
+        "validation": subsample(validation, config.max_eval_samples, config.seed),
     }
     if config.test:
-        splits["test"] = _subsample(load_file(config.test, config.subset, "test"), config.max_test_samples, config.seed)
+        splits["test"] = subsample(load_file(config.test, config.subset, "test"), config.max_test_samples, config.seed)
     return DatasetDict(splits)
 
 
@@ -197,7 +197,7 @@ def _split_validation(train: Dataset, config: DataConfig) -> tuple[Dataset, Data
     return parts["train"], parts["test"]
 
 
-def _subsample(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+def subsample(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
     """A seeded random subset of at most `limit` rows (shuffle, then the first `limit`); all rows when no limit."""
     if limit is None:
         return dataset
