@@ -103,6 +103,10 @@ PerLayer = dict[int, dict[str, ModuleSettings]]
 """Layer-wise settings: {layer index: {module: settings}}, over the network-wise ones."""
 
 
+# PEFT's `init_lora_weights` values that need nothing but the base model (pissa_niter_N too).
+LORA_INITS = ("default", "gaussian", "orthogonal", "pissa", "olora")
+
+
 class LoraSettings(_Section):
     """LoRA hyper-parameters, named as in `peft.LoraConfig`.
 
@@ -118,6 +122,7 @@ class LoraSettings(_Section):
     exclude_modules: str | list[str] | None = None
     rslora: bool = Field(default=False, validation_alias=AliasChoices("rslora", "use_rslora"))
     dora: bool = Field(default=False, validation_alias=AliasChoices("dora", "use_dora"))
+    init: str = Field(default="default", validation_alias=AliasChoices("init", "init_lora_weights"))
     bias: Literal["none", "all", "lora_only"] = "none"
     rank_pattern: dict[str, int] = Field(default_factory=dict)
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
@@ -138,6 +143,23 @@ class LoraSettings(_Section):
             except re.error as error:
                 raise ValueError(f"is not a valid regular expression ({error})") from None
         return value
+
+    @field_validator("init", mode="before")
+    @classmethod
+    def _known_init(cls, value: Any) -> str:
+        if value is True:  # PEFT's `init_lora_weights: true`
+            return "default"
+        if value in LORA_INITS or (isinstance(value, str) and re.fullmatch(r"pissa_niter_[1-9][0-9]*", value)):
+            return value
+        raise ValueError(
+            f"unknown initialisation {value!r}; expected one of {', '.join(LORA_INITS)} or pissa_niter_N "
+            "(PEFT's init_lora_weights; EVA and the gradient method are allocation methods)"
+        )
+
+    def changes_base_weights(self) -> bool:
+        """Whether `init` moves part of the base weights into the adapter at step 0 (PiSSA, OLoRA): the export
+        then subtracts the initial adapter, so that the saved one applies to the original base."""
+        return self.init in ("pissa", "olora") or self.init.startswith("pissa_niter_")
 
     @field_validator("rank_pattern")
     @classmethod

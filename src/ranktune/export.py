@@ -100,6 +100,7 @@ def write_adapter(
     factors: FoldedFactors | None = None,
     sidecars: Callable[[Path], dict[str, Any]] | None = None,
     shortcuts: ShortcutSet | None = None,
+    initial_adapter: Path | None = None,
 ) -> None:
     """Saves adapter_config.json + adapter_model.safetensors (+ tokenizer) into output_dir, config last.
 
@@ -112,6 +113,8 @@ def write_adapter(
         sidecars: given the staged adapter folder, returns {file name: JSON payload} to write beside it (for
             example ranktune.json), so they are in place before the adapter looks finished.
         shortcuts: the model's shortcut connections; the enabled ones are written beside the adapter.
+        initial_adapter: the adapter at step 0 of an init that changed the base weights (PiSSA, OLoRA); PEFT then
+            saves the difference as a LoRA adapter of twice the rank that applies to the original base.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +122,8 @@ def write_adapter(
     try:
         if factors is not None:
             _save_canonical(model, factors, staging)
+        elif initial_adapter is not None:
+            model.save_pretrained(staging, path_initial_model_for_weight_conversion=str(initial_adapter))
         else:
             model.save_pretrained(staging)
         if shortcuts is not None and any(c.enabled for _, c in shortcuts.named_connections()):

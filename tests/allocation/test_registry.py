@@ -42,6 +42,7 @@ CAPABILITIES = Capabilities(
     per_module_settings=False,
     rank_pattern=True,
     dora=False,
+    lora_init=False,
     calibration_batches=False,
     moves_ranks="during_training",
 )
@@ -64,7 +65,7 @@ def sketch(open_registry) -> None:
 
 
 def test_builtin_methods_in_order():
-    assert [m.name for m in registered_methods()] == ["none", "l1ra", "adalora", "hetero", "eva"]
+    assert [m.name for m in registered_methods()] == ["none", "l1ra", "adalora", "hetero", "eva", "gradient"]
 
 
 def test_a_duplicate_name_is_refused(open_registry):

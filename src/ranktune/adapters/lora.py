@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import re
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.lora import LoraLayer
@@ -30,6 +34,7 @@ def build_lora_config(settings: LoraSettings, task: Task) -> LoraConfig:
         exclude_modules=settings.exclude_modules,
         use_rslora=settings.rslora,
         use_dora=settings.dora,
+        init_lora_weights=True if settings.init == "default" else settings.init,
         bias=settings.bias,
         rank_pattern=dict(settings.rank_pattern),
         alpha_pattern=dict(settings.alpha_pattern),
@@ -104,6 +109,15 @@ def check_pattern_keys(settings: LoraSettings, adapted: list[str]) -> None:
                 f"lora.{field}: key '{key}' matches no adapted module (a key matches the end of a module name, or "
                 f"is a regular expression for it).{hint} Adapted module types: {kinds}"
             )
+
+
+def save_initial_adapter(model: PeftModel) -> Path:
+    """Saves the adapter as it is now (before training) into a temporary folder removed when the process exits, and
+    returns it: PEFT's `path_initial_model_for_weight_conversion` for an init that changes the base weights."""
+    folder = Path(tempfile.mkdtemp(prefix="ranktune-initial-adapter-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    model.save_pretrained(str(folder))
+    return folder
 
 
 def attach_peft(model: PreTrainedModel, peft_config: LoraConfig, gradient_checkpointing: bool = False) -> PeftModel:

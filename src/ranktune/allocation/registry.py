@@ -66,6 +66,8 @@ class Capabilities:
     """Takes `lora.rank_pattern`, `lora.alpha_pattern` and `lora.rslora` (PEFT's per-module ranks and scales)."""
     dora: bool
     """Takes `lora.dora`."""
+    lora_init: bool
+    """Takes `lora.init` other than the default (PEFT's gaussian, orthogonal, PiSSA and OLoRA initialisations)."""
     calibration_batches: bool
     """Draws training batches before step 0 (`BuildContext.calibration_batches` refuses the others)."""
     moves_ranks: Literal["never", "before_training", "during_training"]
@@ -139,10 +141,13 @@ class BuildContext:
 
 @dataclass
 class AdaptedModel:
-    """What a builder returns: the PEFT-wrapped model and the strategy that moves its ranks (None: they stay)."""
+    """What a builder returns: the PEFT-wrapped model, the strategy that moves its ranks (None: they stay), and for
+    an init that changes the base weights (PiSSA, OLoRA) the adapter as it was at step 0, which the export subtracts
+    so that the saved adapter applies to the original base."""
 
     model: PeftModel
     strategy: AllocationStrategy | None = None
+    initial_adapter: Path | None = None
 
 
 Builder = Callable[["PreTrainedModel", "RunConfig", BuildContext], AdaptedModel]
@@ -236,6 +241,12 @@ def check_compatibility(config: RunConfig) -> None:
     for key, capability in _LORA_KEYS:
         if getattr(config.lora, key) and not getattr(capabilities, capability):
             raise ValueError(f"allocation.method '{method.name}' does not support lora.{key}")
+    if config.lora.init != "default" and not capabilities.lora_init:
+        able = " or ".join(m.name for m in registered_methods() if m.capabilities.lora_init)
+        raise ValueError(
+            f"lora.init '{config.lora.init}' trains with allocation.method {able}, not '{method.name}' "
+            "(it sets the initial factors itself)"
+        )
     config.allocation.check_with_lora(config.lora)
 
 

@@ -340,6 +340,14 @@ def export_adapter(
         return {RUN_INFO: info}
 
     factors = strategy.folded_factors() if strategy is not None else None
-    write_adapter(model, run.tokenizer, output_dir, factors=factors, sidecars=sidecars, shortcuts=session.shortcuts)
+    write_adapter(
+        model,
+        run.tokenizer,
+        output_dir,
+        factors=factors,
+        sidecars=sidecars,
+        shortcuts=session.shortcuts,
+        initial_adapter=session.adapted.initial_adapter,
+    )
     _log(f"adapter saved to {output_dir}")
     return info

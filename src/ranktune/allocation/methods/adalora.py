@@ -77,6 +77,7 @@ METHOD = register_allocation_method(
         per_module_settings=False,
         rank_pattern=False,
         dora=False,
+        lora_init=False,
         calibration_batches=False,
         moves_ranks="during_training",
     ),

@@ -70,6 +70,7 @@ METHOD = register_allocation_method(
         per_module_settings=False,
         rank_pattern=False,
         dora=False,
+        lora_init=False,
         calibration_batches=True,
         moves_ranks="before_training",
     ),

@@ -73,6 +73,7 @@ METHOD = register_allocation_method(
         per_module_settings=True,
         rank_pattern=True,
         dora=False,
+        lora_init=False,
         calibration_batches=False,
         moves_ranks="during_training",
     ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Literal
 
 from ranktune.allocation.registry import (
@@ -25,10 +26,16 @@ class NoAllocation(MethodSettings):
 
 
 def build(model: PreTrainedModel, config: RunConfig, context: BuildContext) -> AdaptedModel:
-    """LoRA (and shortcut connections) as configured; no strategy."""
+    """LoRA (and shortcut connections) as configured; no strategy. With an init that moves part of the base weights
+    into the adapter (PiSSA, OLoRA), the adapter at step 0 is kept for the export to subtract."""
     from ranktune.adapters.configured import attach_configured_lora
+    from ranktune.adapters.lora import save_initial_adapter
 
-    return AdaptedModel(attach_configured_lora(model, config, context.gradient_checkpointing))
+    with warnings.catch_warnings():  # PEFT's advice to convert the adapter: the export does convert it
+        warnings.filterwarnings("ignore", message=".*changes the base weights of the model.*")
+        peft_model = attach_configured_lora(model, config, context.gradient_checkpointing)
+    initial = save_initial_adapter(peft_model) if config.lora.changes_base_weights() else None
+    return AdaptedModel(peft_model, initial_adapter=initial)
 
 
 METHOD = register_allocation_method(
@@ -41,6 +48,7 @@ METHOD = register_allocation_method(
         per_module_settings=True,
         rank_pattern=True,
         dora=True,
+        lora_init=True,
         calibration_batches=False,
         moves_ranks="never",
     ),
