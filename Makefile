@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ranktune-installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint quality clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: setup
 test: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The quality study (hours on a CPU; resumable: finished runs are recorded in docs/data/quality/records.jsonl).
+quality: setup
+	$(BIN)/python -m benchmarks.quality --profile $(or $(PROFILE),cpu)
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -56,8 +57,16 @@ class RunSpec:
 # --- one run, in a worker process -------------------------------------------------------------------------------
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Ends this worker when the study's process is gone (killed, not just interrupted), so no orphan keeps training."""
+    while os.getppid() == parent:
+        time.sleep(5)
+    os._exit(1)
+
+
 def _init_worker(threads: int) -> None:
-    """Each worker: `threads` torch threads, and the libraries' own progress output silenced."""
+    """Each worker: `threads` torch threads, the libraries' own progress output silenced, and an end with the study."""
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     import torch
 
     torch.set_num_threads(threads)

@@ -116,6 +116,7 @@ class TaskSummary:
     half_parameters: bool
     ahead_of_curve: bool
     half_steps: bool
+    complete: bool = False
 
 
 def _task_section(
@@ -134,7 +135,14 @@ def _task_section(
         target = statistics.fmean(oriented(r["validation"][task.metric], task.higher_is_better)
                                   for r in lora8.runs.values())  # fmt: skip
     direction = "higher is better" if task.higher_is_better else "lower is better"
+    finished = [o for o in outcomes if o.chosen is not None and len(o.runs) == len(profile.seeds)]
     lines = [f"## {task.title}", ""]
+    if len(finished) < len(outcomes):
+        lines += [
+            f"**Incomplete**: {len(finished)} of {len(outcomes)} methods have run their chosen setting with every "
+            "seed; the others show what has run so far (a rerun of the study continues).",
+            "",
+        ]
     majority = majority_accuracy(task)
     if majority is not None:
         lines += [f"Always answering the training split's most common label scores {majority:.4f} test accuracy.", ""]
@@ -145,7 +153,7 @@ def _task_section(
         "| steps to LoRA r 8's validation |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    summary = TaskSummary("none", False, False, False)
+    summary = TaskSummary("none", False, False, False, complete=len(finished) == len(outcomes))
     best_gain: float | None = None
     for o in outcomes:
         tried = ", ".join(f"{'**' if lr == o.chosen else ''}{lr:g}: {v:.4f}{'**' if lr == o.chosen else ''}"
@@ -260,7 +268,10 @@ def write_report(profile: Profile, records: dict[str, dict[str, Any]], out: Path
             summaries[task.title] = summary
     if summaries:
         lines += ["## Against the target", ""]
-        for title, s in summaries.items():
+        waiting = [title for title, s in summaries.items() if not s.complete]
+        if waiting:
+            lines += [f"Not judged until their runs are complete: {'; '.join(waiting)}.", ""]
+        for title, s in ((t, s) for t, s in summaries.items() if s.complete):
             lines.append(f"- {title}: best against LoRA's curve: {s.best}. Ahead of the curve at p < {SIGNIFICANT}: "
                          f"{'yes' if s.ahead_of_curve else 'no'}; LoRA r 8's quality with at most half its parameters: "
                          f"{'yes' if s.half_parameters else 'no'}; LoRA r 8's validation in at most half the steps: "
