@@ -161,6 +161,28 @@ class LoraSettings(_Section):
         then subtracts the initial adapter, so that the saved one applies to the original base."""
         return self.init in ("pissa", "olora") or self.init.startswith("pissa_niter_")
 
+    @model_validator(mode="after")
+    def _init_fits(self) -> LoraSettings:
+        """Refuses before anything loads what PEFT would refuse at the init or only at the export after training."""
+        if self.init == "orthogonal":
+            odd = sorted(rank for rank in {self.r, *self.rank_pattern.values()} if rank % 2)
+            if odd:
+                raise ValueError(f"init 'orthogonal' needs even ranks; got {', '.join(map(str, odd))}")
+        if not self.changes_base_weights():
+            return self
+        if self.dora or self.bias != "none":
+            raise ValueError(
+                f"init '{self.init}' cannot be converted for the original base with dora or a trained bias; "
+                "use the default init for those"
+            )
+        patterned = self.rank_pattern or self.alpha_pattern or self.modules or self.layers or self.plan
+        if self.rslora and (patterned or self.reference_config):
+            raise ValueError(
+                f"init '{self.init}' with rslora cannot be converted for the original base when modules have their "
+                "own ranks or alphas (PEFT's conversion refuses it); drop rslora or the per-module settings"
+            )
+        return self
+
     @field_validator("rank_pattern")
     @classmethod
     def _positive_ranks(cls, value: dict[str, int]) -> dict[str, int]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from ranktune.adapters.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SHORTCUTS_CONFIG, SHORTCUTS_WEIGHTS
@@ -93,6 +94,21 @@ def _jsonable(value: Any) -> Any:
     return sorted(value) if isinstance(value, set) else str(value)
 
 
+_LORA_FACTOR = re.compile(r"\.lora_[AB]\.")
+
+
+def _save_converted(model: PeftModel, initial_adapter: Path, staging: Path) -> None:
+    """PEFT's conversion of a PiSSA / OLoRA adapter for the original base (the trained factors minus the initial
+    ones, rank 2r), with the tensors the conversion leaves out (a classifier head, other modules_to_save) put back."""
+    model.save_pretrained(staging, path_initial_model_for_weight_conversion=str(initial_adapter))
+    converted = load_file(str(staging / ADAPTER_WEIGHTS))
+    whole = get_peft_model_state_dict(model)
+    kept = {key: value for key, value in whole.items() if key not in converted and not _LORA_FACTOR.search(key)}
+    if kept:
+        save_file({**converted, **{k: v.detach().contiguous() for k, v in kept.items()}},
+                  str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})  # fmt: skip
+
+
 def write_adapter(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase | None,
@@ -123,7 +139,7 @@ def write_adapter(
         if factors is not None:
             _save_canonical(model, factors, staging)
         elif initial_adapter is not None:
-            model.save_pretrained(staging, path_initial_model_for_weight_conversion=str(initial_adapter))
+            _save_converted(model, initial_adapter, staging)
         else:
             model.save_pretrained(staging)
         if shortcuts is not None and any(c.enabled for _, c in shortcuts.named_connections()):

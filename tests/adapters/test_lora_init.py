@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainingArguments
 
 from ranktune import train
 from ranktune.adapters.lora import build_lora_config
@@ -32,23 +32,30 @@ def _config(model_dir, tmp_path, init: str, method: str = "none"):
     return config
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_an_init_that_changes_the_base_exports_an_adapter_for_the_original_base(init, tmp_path):
+@pytest.mark.parametrize(
+    ("init", "family"), [("pissa", "llama"), ("olora", "llama"), ("pissa", "bert")], ids=["pissa", "olora", "bert"]
+)
+def test_an_init_that_changes_the_base_exports_an_adapter_for_the_original_base(init, family, tmp_path):
     """Train the PiSSA / OLoRA model a few steps by hand (its base weights are the residual), export, and load the
-    export with vanilla PEFT onto the untouched base: the logits must be the trained model's."""
-    model_dir = save_tiny_model(tmp_path / "llama", "llama")
-    config = validate_config(_config(model_dir, tmp_path, init))
+    export with vanilla PEFT onto the untouched base: the logits must be the trained model's (a classifier's
+    trained head included)."""
+    classification = family == "bert"
+    auto = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
+    model_dir = save_tiny_model(tmp_path / family, family, "classification" if classification else "causal_lm")
+    raw = _config(model_dir, tmp_path, init)
+    if classification:
+        raw["model"]["task"] = "classification"
+        raw["lora"]["target_modules"] = ["query", "value"]
+    config = validate_config(raw)
     args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
     context = BuildContext(args, [], None, tmp_path / "out", seed=0)
-    adapted = build_adapter(AutoModelForCausalLM.from_pretrained(model_dir), config, context)
+    adapted = build_adapter(auto.from_pretrained(model_dir), config, context)
     model = adapted.model
     assert adapted.initial_adapter is not None
-    base_q = AutoModelForCausalLM.from_pretrained(model_dir).model.layers[0].self_attn.q_proj.weight
-    residual_q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
-    assert not torch.allclose(base_q, residual_q)  # the init did move part of W into the adapter
+    labels = torch.tensor([0, 1]) if classification else INPUT_IDS
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
-        model(input_ids=INPUT_IDS, labels=INPUT_IDS).loss.backward()
+        model(input_ids=INPUT_IDS, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
@@ -58,7 +65,7 @@ def test_an_init_that_changes_the_base_exports_an_adapter_for_the_original_base(
 
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (saved["r"], saved["init_lora_weights"]) == (8, True)  # r 4 trained + r 4 initial, subtracted
-    vanilla = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(tmp_path / "adapter"))
+    vanilla = PeftModel.from_pretrained(auto.from_pretrained(model_dir), str(tmp_path / "adapter"))
     with torch.no_grad():
         reloaded = vanilla.eval()(input_ids=INPUT_IDS).logits
     torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-5)
@@ -109,3 +116,17 @@ def test_a_resumed_pissa_run_ends_with_the_same_adapter(tmp_path):
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("lora", "message"),
+    [
+        ({"init": "pissa", "dora": True}, "cannot be converted for the original base with dora"),
+        ({"init": "olora", "bias": "all"}, "cannot be converted for the original base with dora or a trained bias"),
+        ({"init": "pissa", "rslora": True, "rank_pattern": {"q_proj": 8}}, "with rslora cannot be converted"),
+        ({"init": "orthogonal", "r": 3}, "init 'orthogonal' needs even ranks; got 3"),
+    ],
+)
+def test_inits_peft_would_refuse_late_are_refused_up_front(lora, message):
+    with pytest.raises(Exception, match=re.escape(message)):
+        validate_config({"model": {"name_or_path": "m"}, "data": {"train": "t"}, "lora": lora})

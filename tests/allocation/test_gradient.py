@@ -104,3 +104,27 @@ def test_rho_one_keeps_uniform_ranks_and_init_lora_keeps_peft_init(tmp_path):
     _, _, vt = torch.linalg.svd(hand_gradient(model_dir, batches, "model.layers.0.self_attn.q_proj"))
     alignment = torch.linalg.svdvals(torch.nn.functional.normalize(lora_a, dim=1) @ vt[: lora_a.shape[0]].T)
     assert alignment.min() < 0.9
+
+
+def test_gpt2_conv1d_gradient_is_read_as_out_by_in(tmp_path):
+    """GPT-2's Conv1D stores its weight as (in, out): the gradient must be transposed before its SVD. c_proj is
+    square, so a missing transpose would keep the shapes and give A the left singular vectors instead."""
+    model_dir = save_tiny_model(tmp_path / "gpt2", "gpt2")
+    config = validate_config(
+        {
+            "model": {"name_or_path": str(model_dir)},
+            "data": {"train": "unused.jsonl"},
+            "lora": {"r": 2, "target_modules": ["attn.c_proj"]},
+            "allocation": {"method": "gradient", "rho": 1.0},
+        }
+    )
+    torch.manual_seed(1)
+    ids = torch.randint(10, 90, (4, 12))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}]
+    model = attach_gradient_lora(AutoModelForCausalLM.from_pretrained(model_dir), config, config.allocation, batches)
+    name = "transformer.h.0.attn.c_proj"
+    lora_a = lora_layers(model)[name].lora_A["default"].weight.detach()  # (r, in)
+    conv_grad = hand_gradient(model_dir, batches, name)  # Conv1D: (in, out)
+    _, _, vt = torch.linalg.svd(conv_grad.T, full_matrices=False)  # of the (out, in) gradient
+    alignment = torch.linalg.svdvals(torch.nn.functional.normalize(lora_a, dim=1) @ vt[:2].T)
+    assert alignment.min() > 0.999, alignment

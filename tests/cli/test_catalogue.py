@@ -495,6 +495,21 @@ CASES: list[Case] = [
         ("--batch-size",),
     ),
     Case(
+        "eval max samples with predictions",
+        lambda ws: [
+            "eval",
+            str(ws.classifier_adapter),
+            "--data",
+            str(ws.train),
+            "--max-samples",
+            "2",
+            "--predictions",
+            str(ws.root / "p.jsonl"),
+        ],
+        2,
+        ("--predictions", "--max-samples"),
+    ),
+    Case(
         "eval max samples 0",
         lambda ws: ["eval", str(ws.classifier_adapter), "--data", str(ws.train), "--max-samples", "0"],
         2,

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from ranktune.adapters.lora import attach_peft, build_lora_config, lora_layers
 from ranktune.allocation.methods.gradient import GradientSettings
-from ranktune.allocation.saliency import Batch
+from ranktune.allocation.saliency import Batch, summed_gradients
 from ranktune.config import RunConfig
 from ranktune.errors import UserInputError
 
@@ -34,19 +34,18 @@ def _weight_gradient(layer: LoraLayer) -> torch.Tensor:
     return grad.T if layer.fan_in_fan_out else grad
 
 
-@torch.no_grad()
-def _summed_across_processes(gradients: dict[str, torch.Tensor], batches: int) -> tuple[dict[str, torch.Tensor], int]:
+def _batch_count(batches: int, device: torch.device) -> int:
+    """The number of batches over every process."""
     if not (dist.is_available() and dist.is_initialized()):
-        return gradients, batches
-    names = sorted(gradients)
-    flat = torch.cat([gradients[name].flatten() for name in names] + [torch.tensor([float(batches)])])
-    dist.all_reduce(flat)
-    chunks = flat[:-1].split([gradients[name].numel() for name in names])
-    return {name: chunk.view_as(gradients[name]) for name, chunk in zip(names, chunks, strict=True)}, int(flat[-1])
+        return batches
+    count = torch.tensor([float(batches)], device=device)
+    dist.all_reduce(count)
+    return int(count.item())
 
 
 def full_gradients(model: PeftModel, batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
-    """The mean over every process's batches of ∂loss/∂W for each adapted module's base weight W: (out, in).
+    """The mean over every process's batches (`batches`: this process's) of ∂loss/∂W for each adapted module's base
+    weight W: (out, in) float32.
 
     Runs in eval mode (no dropout), so every process and a resumed run compute the same gradient.
     """
@@ -59,22 +58,16 @@ def full_gradients(model: PeftModel, batches: Sequence[Batch]) -> dict[str, torc
     weights = [layer.get_base_layer().weight for layer in layers.values()]
     for weight in weights:
         weight.requires_grad_(True)
-        weight.grad = None
-    device = weights[0].device
     try:
-        with torch.enable_grad():
-            for batch in batches:
-                inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                model(**inputs).loss.backward()
-        summed = {name: _weight_gradient(layer) for name, layer in layers.items()}
+        summed_gradients(model, weights, batches)
+        count = _batch_count(len(batches), weights[0].device)
+        return {name: _weight_gradient(layer) / count for name, layer in layers.items()}
     finally:
         for weight in weights:
             weight.grad = None
         for name, param in model.named_parameters():
             param.requires_grad_(frozen[name])
         model.train(was_training)
-    summed, count = _summed_across_processes(summed, len(batches))
-    return {name: grad / count for name, grad in summed.items()}
 
 
 def allocate_ranks(
@@ -121,13 +114,16 @@ def attach_gradient_lora(
     shapes = {name: (layer.out_features, layer.in_features) for name, layer in lora_layers(pool).items()}
     model = pool.unload()
 
-    decompositions = {name: torch.linalg.svd(grad, full_matrices=False) for name, grad in gradients.items()}
     costs = {name: out + inp for name, (out, inp) in shapes.items()}
     max_ranks = {name: max(1, min(math.floor(settings.rho * lora.r), *shapes[name])) for name in shapes}
+    spectra: dict[str, torch.Tensor] = {}
+    directions: dict[str, torch.Tensor] = {}  # the top right singular vectors each module may use: (max rank, in)
+    for name in list(gradients):
+        _, singular_values, vt = torch.linalg.svd(gradients.pop(name), full_matrices=False)
+        spectra[name], directions[name] = singular_values, vt[: max_ranks[name]].clone()
     if settings.rho == 1.0:
         ranks = {name: min(lora.r, max_ranks[name]) for name in shapes}
     else:
-        spectra = {name: s for name, (_, s, _) in decompositions.items()}
         ranks = allocate_ranks(spectra, costs, lora.r * sum(costs.values()), max_ranks)
 
     scale = lora.alpha / lora.r
@@ -143,7 +139,6 @@ def attach_gradient_lora(
     if settings.init == "gradient":
         with torch.no_grad():
             for name, layer in lora_layers(peft_model).items():
-                _, _, vt = decompositions[name]  # vt: (min(out, in), in)
                 lora_a = layer.lora_A[peft_model.active_adapter].weight  # (r, in)
-                lora_a.copy_(vt[: lora_a.shape[0]] * DEFAULT_ROW_NORM)
+                lora_a.copy_(directions[name][: lora_a.shape[0]] * DEFAULT_ROW_NORM)
     return peft_model

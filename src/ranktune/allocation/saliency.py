@@ -99,21 +99,24 @@ def _to(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _summed_gradients(model: nn.Module, layers: dict[str, Candidate], batches: Sequence[Batch]) -> None:
-    """Leaves Σ_b ∂L_b/∂A and ∂L_b/∂B (over every process's batches) in the factors' .grad."""
-    device = next(model.parameters()).device
-    factors = [w for layer in layers.values() for w in _factors(layer)]
-    for weight in factors:
+def summed_gradients(model: nn.Module, parameters: Sequence[torch.Tensor], batches: Sequence[Batch]) -> None:
+    """Leaves Σ_b ∂L_b/∂p over every process's batches in each parameter's .grad (zeros where no batch reached it,
+    including on a process that got no batch: the sum across processes still takes place).
+
+    `batches` are this process's own; the parameters must require grad.
+    """
+    device = parameters[0].device
+    for weight in parameters:
         weight.grad = None
     with torch.enable_grad():
-        for batch in _my_batches(batches):
+        for batch in batches:
             model(**_to(batch, device)).loss.backward()
-    grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in factors]
+    grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in parameters]
     if _distributed():
         flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat)
         grads = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)]
-    for weight, grad in zip(factors, grads, strict=True):
+    for weight, grad in zip(parameters, grads, strict=True):
         weight.grad = grad
 
 
@@ -125,7 +128,7 @@ def gradient_score(lora_a: torch.Tensor, lora_b: torch.Tensor, snip: bool) -> to
 
 
 def _gradient_scores(model: nn.Module, layers: dict[str, Candidate], batches: Sequence[Batch], snip: bool):
-    _summed_gradients(model, layers, batches)
+    summed_gradients(model, [w for layer in layers.values() for w in _factors(layer)], _my_batches(batches))
     scores = {}
     with torch.no_grad():
         for name, layer in layers.items():

@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--batch-size must be > 0, got {args.batch_size}")
     if args.max_samples is not None and args.max_samples <= 0:
         raise UserInputError(f"--max-samples must be > 0, got {args.max_samples}")
+    if args.max_samples is not None and args.predictions:
+        raise UserInputError("--predictions lists every row of the file in order: leave out --max-samples with it")
     if args.predictions and adapter_config.get("task_type") == "CAUSAL_LM":
         raise UserInputError("--predictions is for classification adapters")
     from datasets import DatasetDict

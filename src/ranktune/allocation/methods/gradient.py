@@ -34,8 +34,9 @@ class GradientSettings(MethodSettings):
 
     `rho`: a module's rank is at most rho · lora.r (1: uniform ranks). `init`: `gradient` (A from the gradient's top
     right singular vectors, at the row norm of PEFT's default init) or `lora` (PEFT's default). `batches` batches of
-    the training batch size are drawn from the start of the training data (under DDP, shared out among the processes
-    and their gradients summed, so every process takes the same decision).
+    the global training batch size (per device x processes) are drawn from the start of the training data; under DDP
+    they are shared out whole among the processes and their gradients summed, so every process takes the same
+    decision, the one a single process would take.
     """
 
     method: Literal["gradient"] = "gradient"
@@ -50,7 +51,11 @@ def build(model: PreTrainedModel, config: RunConfig, context: BuildContext) -> A
     from ranktune.allocation.gradient import attach_gradient_lora
 
     settings: GradientSettings = config.allocation
-    batches = context.calibration_batches(settings.batches, shard=True)  # the gradients are summed across processes
+    # Batches of the global batch size, shared out whole among the processes: the rows are the same whatever the
+    # number of processes, and the gradients summed across them give every process the same decision.
+    rows = context.args.per_device_train_batch_size * context.args.world_size
+    batches = context.calibration_batches(settings.batches, batch_size=rows, shard=True)
+    model = model.to(context.args.device)  # the backward passes and SVDs run where training will
     model = attach_gradient_lora(model, config, settings, batches, context.gradient_checkpointing)
     return AdaptedModel(model, FixedRanks(model, "gradient"))
 
