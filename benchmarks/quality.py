@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -140,7 +140,6 @@ def execute(spec: RunSpec, work: str, keep_adapter: bool = False) -> dict[str, A
         with _logged(folder.with_suffix(".log")):
             config = run_config(task, method, spec.learning_rate, spec.seed, str(folder))
             result = train(validate_config(config, source=spec.describe()), overwrite=True)
-            train_wall = time.perf_counter() - started
             argv = ["eval", str(folder), "--data", assets.resolve(task.test), "--json", "--batch-size", "64"]
             if task.test_samples:
                 argv += ["--max-samples", str(task.test_samples)]
@@ -164,7 +163,7 @@ def execute(spec: RunSpec, work: str, keep_adapter: bool = False) -> dict[str, A
         "trained_parameters": result.info["trainable_parameters"],
         **size,
         "train_seconds": float(result.metrics["train_runtime"]),
-        "run_seconds": train_wall,
+        "run_seconds": time.perf_counter() - started,  # training, validation and test scoring
         "threads": torch.get_num_threads(),
     }
 
@@ -192,15 +191,19 @@ class RecordStore:
         return records
 
     def append(self, record: dict[str, Any]) -> None:
+        """Adds one line; after a line torn by a kill, on a line of its own."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        torn = self.path.is_file() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")
         with self.path.open("a", encoding="utf-8") as out:
-            out.write(json.dumps(record) + "\n")
+            out.write(("\n" if torn else "") + json.dumps(record) + "\n")
 
 
 def better(task: Task, a: float, b: float) -> bool:
-    """Whether metric value `a` beats `b` on this task (a NaN never does)."""
+    """Whether metric value `a` beats `b` on this task (a NaN never does, and any number beats a NaN)."""
     if a != a:  # NaN
         return False
+    if b != b:
+        return True
     return a > b if task.higher_is_better else a < b
 
 
@@ -270,8 +273,15 @@ class Study:
                 return
             self._progress(f"{task.name}: {len(specs)} runs in this round")
             futures = {pool.submit(execute, spec, str(self.work), self.keep_adapters): spec for spec in specs}
-            for future, spec in futures.items():
-                record = future.result()
+            failures = []
+            for future in as_completed(futures):  # each run is recorded as soon as it ends
+                spec = futures[future]
+                try:
+                    record = future.result()
+                except RunFailed as failure:
+                    failures.append(str(failure))
+                    self._progress(f"error: {failure}")
+                    continue
                 self.store.append(record)
                 self.records[record["id"]] = record
                 self.done += 1
@@ -280,6 +290,8 @@ class Study:
                     f"test {record['test'][task.metric]:.4f}, {record['adapter_parameters']:,} adapter parameters, "
                     f"{record['run_seconds']:.0f} s"
                 )
+            if failures:  # the round's other runs are recorded; a rerun retries only the failed ones
+                raise RunFailed(f"{len(failures)} run(s) failed; the first: {failures[0]}")
 
 
 Named = TypeVar("Named", Task, Method)
@@ -319,15 +331,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-adapters", action="store_true", help="keep every run's adapter under --work")
     parser.add_argument("--report-only", action="store_true", help="write the report from the records; train nothing")
     args = parser.parse_args(argv)
-    profile = PROFILES[args.profile]()
-    profile = Profile(profile.name, _pick(profile.tasks, args.tasks, "--tasks"),
-                      _pick(profile.methods, args.methods, "--methods"), profile.seeds, profile.notes)  # fmt: skip
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    full = PROFILES[args.profile]()
+    profile = Profile(full.name, _pick(full.tasks, args.tasks, "--tasks"),
+                      _pick(full.methods, args.methods, "--methods"), full.seeds, full.notes)  # fmt: skip
     default_records = RECORDS if profile.name == "cpu" else RECORDS.with_name(f"records-{profile.name}.jsonl")
     store = RecordStore(Path(args.records) if args.records else default_records)
     out = Path(args.out) if args.out else Path("docs/results.md" if profile.name == "cpu" else "docs/results-gpu.md")
     if not args.report_only:
         run_study(profile, Study(profile, Path(args.work) / profile.name, store, args.keep_adapters), args.jobs)
-    for path in write_report(profile, store.load(), out):
+    for path in write_report(full, store.load(), out):  # the whole study's report, whatever subset trained now
         print(f"written: {path}")
 
 
@@ -337,3 +351,6 @@ if __name__ == "__main__":
     except RunFailed as failure:
         print(f"error: {failure}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: every finished run is recorded; run the same command again to continue", file=sys.stderr)
+        sys.exit(130)

@@ -13,6 +13,7 @@ from typing import Any
 from benchmarks.quality import select
 from benchmarks.quality_stats import (
     Paired,
+    holm,
     mean_history,
     on_curve,
     oriented,
@@ -93,6 +94,16 @@ def _mean_curve(task: Task, frontier: list[Outcome]) -> list[tuple[float, float]
                   for o in frontier if o.runs)  # fmt: skip
 
 
+def _ratio(curve: list[tuple[float, float]], mean: float, parameters: float, complete_curve: bool) -> str:
+    """`LoRA parameters for its quality (ratio)` of the table."""
+    needed = parameters_for(curve, mean)
+    if needed is None:
+        return "above LoRA r 16" if complete_curve and curve and mean > curve[-1][1] else "—"
+    if needed == curve[0][0]:
+        return f"≤ {needed:,.0f} (≥ {parameters / needed:.2f}x)"  # LoRA's smallest adapter already reaches it
+    return f"{needed:,.0f} ({parameters / needed:.2f}x)"
+
+
 def majority_accuracy(task: Task) -> float | None:
     """Test accuracy of always answering the training split's most common label (classification), from the files."""
     if task.model["task"] != "classification":
@@ -125,7 +136,6 @@ def _task_section(
     outcomes = [outcome(task, method, profile.seeds, records) for method in profile.methods]
     if not any(o.grid for o in outcomes):
         return [], None
-    by_name = {o.method.name: o for o in outcomes}
     frontier = [o for o in outcomes if o.method.frontier]
     lora_at = {o.method.budget_r: o for o in frontier}
     mean_curve = _mean_curve(task, frontier)
@@ -154,6 +164,13 @@ def _task_section(
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     summary = TaskSummary("none", False, False, False, complete=len(finished) == len(outcomes))
+    measured = [o for o in outcomes if o.runs]
+    curves = {o.method.name: _curve_pairs(task, o, frontier) for o in measured if not o.method.frontier}
+    tested = [name for name, c in curves.items() if c is not None and not math.isnan(c.p)]
+    adjusted = dict(zip(tested, holm([curves[name].p for name in tested]), strict=True))
+    lora8_mean = None
+    if lora8 is not None and lora8.runs:
+        lora8_mean = oriented(statistics.fmean(lora8.test(task).values()), task.higher_is_better)
     best_gain: float | None = None
     for o in outcomes:
         tried = ", ".join(f"{'**' if lr == o.chosen else ''}{lr:g}: {v:.4f}{'**' if lr == o.chosen else ''}"
@@ -166,11 +183,16 @@ def _task_section(
             continue
         first = next(iter(o.runs.values()))
         ranks = f"{first['total_rank']} ({first['rank_range'][0]}–{first['rank_range'][1]})"
-        same = _pairs(task, o, lora_at[o.method.budget_r]) if not o.method.frontier else None
-        curve = _curve_pairs(task, o, frontier) if not o.method.frontier else None
+        peer = lora_at.get(o.method.budget_r)
+        same = _pairs(task, o, peer) if peer is not None and not o.method.frontier else None
+        curve = curves.get(o.method.name)
+        curve_text = "—"
+        if curve is not None:
+            curve_text = curve.describe()
+            if o.method.name in adjusted:
+                curve_text += f"; Holm p {adjusted[o.method.name]:.3g}"
         mean = oriented(statistics.fmean(o.test(task).values()), task.higher_is_better)
-        needed = parameters_for(mean_curve, mean)
-        ratio = "above LoRA r 16" if needed is None else f"{needed:,.0f} ({o.parameters() / needed:.2f}x)"
+        ratio = _ratio(mean_curve, mean, o.parameters(), complete_curve=len(mean_curve) == len(frontier))
         steps = "—"
         if target is not None:
             reached = steps_to([(s, oriented(v, task.higher_is_better)) for s, v in
@@ -178,32 +200,34 @@ def _task_section(
             steps = "not reached" if reached is None else f"{reached} ({reached / task.steps:.2f} of the run)"
             if reached is not None and reached <= task.steps / 2 and not o.method.frontier:
                 summary.half_steps = True
-        if not o.method.frontier and needed is not None and o.parameters() <= needed / 2 and target is not None:
-            summary.half_parameters = summary.half_parameters or mean >= oriented(
-                statistics.fmean(lora8.test(task).values()), task.higher_is_better
-            )
-        if curve is not None and curve.mean > 0 and curve.p < SIGNIFICANT:
+        if not o.method.frontier and lora8_mean is not None and o.parameters() <= lora8.parameters() / 2:
+            summary.half_parameters = summary.half_parameters or mean >= lora8_mean
+        if curve is not None and curve.mean > 0 and adjusted.get(o.method.name, math.nan) < SIGNIFICANT:
             summary.ahead_of_curve = True
         if curve is not None and (best_gain is None or curve.mean > best_gain):
             best_gain = curve.mean
-            summary.best = f"{o.method.label}: {curve.describe()} against LoRA's curve at its parameters"
+            summary.best = f"{o.method.label}: {curve_text} against LoRA's curve at its parameters"
         lines.append(
             f"| {o.method.label} | r {o.method.budget_r} | {o.parameters():,.0f} | {ranks} | {tried} | {len(o.runs)} "
             f"| {_mean_se(list(o.test(task).values()))} | {same.describe() if same else '—'} | "
-            f"{curve.describe() if curve else '—'} | {ratio} | {steps} |"
+            f"{curve_text} | {ratio} | {steps} |"
         )
     lines += [
         "",
         f"Gains are paired over seeds ({task.metric}, positive = better), ± their standard error, with the two-sided "
-        "paired t-test's p-value. LoRA's curve is read per seed, linear in log(parameters) between the neighbouring "
-        "ranks. *Steps to LoRA r 8's validation*: the first evaluation at which the method's mean validation curve "
-        "reaches LoRA r 8's mean final validation value.",
+        "paired t-test's p-value; against LoRA's curve also Holm's adjustment over the methods of this table (the "
+        "target counts only those). LoRA's curve is read per seed, linear in log(parameters) between the neighbouring "
+        "ranks. *LoRA parameters for its quality*: where LoRA's mean curve reaches the method's mean, and the "
+        "method's parameters as a multiple of that (below 1: it needs fewer parameters than LoRA for its quality). "
+        "*Steps to LoRA r 8's validation*: the first evaluation at which the method's mean validation curve reaches "
+        "LoRA r 8's mean final validation value (calibration passes before step 0, for EVA and the gradient method, "
+        "are not counted in steps).",
         "",
     ]
     plot = _plot(task, outcomes, plots)
     if plot:
         lines += [f"![test {task.metric} against adapter parameters]({plot})", ""]
-    notes = [f"- {o.method.label}: {o.method.note}" for o in outcomes if o.method.note and by_name]
+    notes = [f"- {o.method.label}: {o.method.note}" for o in outcomes if o.method.note]
     return lines + notes + [""], summary
 
 
@@ -240,7 +264,10 @@ def _plot(task: Task, outcomes: list[Outcome], folder: Path) -> str | None:
 
 def write_report(profile: Profile, records: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     """Writes the report and its plots (beside it, in results/); returns the paths written."""
-    plots = out.parent / "results"
+    plots = out.parent / out.stem  # docs/results.md -> docs/results/; another report gets its own folder
+    if plots.is_dir():
+        for stale in plots.glob("*.png"):
+            stale.unlink()
     runs = [r for r in records.values() if r["task"] in {t.name for t in profile.tasks}]
     hours = sum(r["run_seconds"] for r in runs) / 3600
     lines = [

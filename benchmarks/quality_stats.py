@@ -84,3 +84,14 @@ def steps_to(history: Sequence[tuple[int, float]], target: float) -> int | None:
         if value >= target:
             return step
     return None
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values for testing them together (same order as given; NaN stays NaN)."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
+        adjusted[i] = running
+    return adjusted

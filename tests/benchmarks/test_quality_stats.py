@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from benchmarks.quality_stats import mean_history, on_curve, oriented, paired, parameters_for, steps_to
+from benchmarks.quality_report import _ratio
+from benchmarks.quality_stats import holm, mean_history, on_curve, oriented, paired, parameters_for, steps_to
 
 
 def test_paired_t_test_by_hand():
@@ -45,3 +46,18 @@ def test_time_to_quality_on_the_mean_curve():
 
 def test_oriented_turns_a_loss_so_that_larger_is_better():
     assert oriented(2.0, higher_is_better=False) == -2.0 and oriented(0.8, higher_is_better=True) == 0.8
+
+
+def test_holm_by_hand():
+    """Sorted 0.01, 0.03, 0.04 times 3, 2, 1: 0.03, 0.06, 0.04, then made non-decreasing: 0.03, 0.06, 0.06."""
+    adjusted = holm([0.01, 0.04, math.nan, 0.03])
+    assert adjusted[0] == pytest.approx(0.03) and adjusted[1] == pytest.approx(0.06)
+    assert adjusted[3] == pytest.approx(0.06) and math.isnan(adjusted[2])
+
+
+def test_parameter_ratio_wording():
+    curve = [(100.0, 0.5), (400.0, 0.7), (1600.0, 0.8)]
+    assert _ratio(curve, 0.6, 100.0, complete_curve=True) == "200 (0.50x)"  # half of what LoRA needs
+    assert _ratio(curve, 0.4, 50.0, complete_curve=True) == "≤ 100 (≥ 0.50x)"
+    assert _ratio(curve, 0.9, 1600.0, complete_curve=True) == "above LoRA r 16"
+    assert _ratio(curve, 0.9, 1600.0, complete_curve=False) == "—"  # the curve's top is not measured yet

@@ -23,6 +23,15 @@ def test_every_run_of_every_profile_is_a_valid_config(name):
                 assert config.training["learning_rate"] == lr and config.training["seed"] == profile.seeds[-1]
 
 
+def test_task_lora_settings_reach_every_method():
+    profile = PROFILES["cpu"]()
+    minilm = profile.tasks[0]
+    for method in profile.methods:
+        lora = run_config(minilm, method, 1e-3, 0, "out")["lora"]
+        assert lora["modules_to_save"] == ["pooler"] and lora["exclude_modules"] == ["pooler.dense"]
+        assert lora["r"] == method.sections["lora"]["r"]
+
+
 def test_cpu_profile_schedules_are_long_enough_and_budgets_match():
     profile = PROFILES["cpu"]()
     steps = {task.name: task.steps for task in profile.tasks}
@@ -67,9 +76,10 @@ def test_a_nan_never_wins_and_a_loss_is_minimised():
     qa = next(t for t in profile.tasks if t.name == "smollm2-qa")
     method = profile.methods[0]
     grid = base_grid(qa, method)
-    values = dict(zip(grid, [2.0, 1.5, float("nan")], strict=True))  # the middle one is the lowest loss
-    records = {run_id(qa, method, lr, 0): _record(qa, method, lr, 0, v) for lr, v in values.items()}
-    assert select(qa, method, 0, records).chosen == grid[1]
+    for losses in ([2.0, 1.5, float("nan")], [float("nan"), 1.5, 2.0]):  # the middle one is the lowest loss
+        values = dict(zip(grid, losses, strict=True))
+        records = {run_id(qa, method, lr, 0): _record(qa, method, lr, 0, v) for lr, v in values.items()}
+        assert select(qa, method, 0, records).chosen == grid[1]
 
 
 def test_run_id_names_what_defines_a_run():
@@ -86,3 +96,5 @@ def test_records_keep_the_last_line_of_a_run_and_skip_a_torn_one(tmp_path):
     with store.path.open("a") as out:
         out.write('{"id": "b", "val')
     assert store.load() == {"a": {"id": "a", "value": 2}}
+    store.append({"id": "c", "value": 3})  # after a torn line: on a line of its own
+    assert store.load() == {"a": {"id": "a", "value": 2}, "c": {"id": "c", "value": 3}}
