@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections import Counter
@@ -105,17 +104,21 @@ def _ratio(curve: list[tuple[float, float]], mean: float, parameters: float, com
 
 
 def majority_accuracy(task: Task) -> float | None:
-    """Test accuracy of always answering the training split's most common label (classification), from the files."""
+    """Test accuracy of always answering the training split's most common label (classification), on the test rows
+    the methods are scored on (`ranktune eval --max-samples` draws them with the data section's seed)."""
     if task.model["task"] != "classification":
         return None
+    import datasets
+
     from ranktune import assets
+    from ranktune.config import DataConfig
+    from ranktune.data import load_file, subsample
 
-    def labels(path: str) -> list[str]:
-        lines = Path(assets.resolve(path)).read_text(encoding="utf-8").splitlines()
-        return [json.loads(line)["label"] for line in lines if line.strip()]
-
-    majority = Counter(labels(task.data["train"])).most_common(1)[0][0]
-    test = labels(task.test)
+    datasets.disable_progress_bars()
+    seed = DataConfig.model_validate({"train": task.data["train"]}).seed
+    train = load_file(assets.resolve(task.data["train"]))["label"]
+    test = subsample(load_file(assets.resolve(task.test)), task.test_samples, seed)["label"]
+    majority = Counter(train).most_common(1)[0][0]
     return sum(label == majority for label in test) / len(test)
 
 
