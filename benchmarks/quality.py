@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -249,7 +249,12 @@ def pending(task: Task, method: Method, seeds: Sequence[int], records: dict[str,
 
 
 class Study:
-    """Runs a profile task by task in rounds (all pending runs of a round in parallel), one line per run."""
+    """Runs a profile's pending runs, at most `jobs` at a time, one line per run.
+
+    What runs next is decided when a worker frees up, from the records so far: a method's other seeds start as soon
+    as its tuning has settled, and the next task's runs start when the current one has nothing left to hand out, so
+    no core waits for the slowest run of a round.
+    """
 
     def __init__(self, profile: Profile, work: Path, store: RecordStore, keep_adapters: bool = False) -> None:
         self.profile = profile
@@ -264,34 +269,51 @@ class Study:
         minutes = (time.perf_counter() - self.started) / 60
         print(f"[{self.done} runs this session, {minutes:.1f} min] {message}", file=sys.stderr, flush=True)
 
-    def run_task(self, task: Task, pool: ProcessPoolExecutor) -> None:
-        """Rounds until no method of the task has a pending run."""
+    def _next(self, busy: set[str]) -> RunSpec | None:
+        """The first pending run (tasks, then methods, in the profile's order) that is not running already."""
+        for task in self.profile.tasks:
+            for method in self.profile.methods:
+                for spec in pending(task, method, self.profile.seeds, self.records):
+                    if spec.key not in busy:
+                        return spec
+        return None
+
+    def run(self, pool: ProcessPoolExecutor, jobs: int) -> None:
+        """Until nothing is pending: keep `jobs` runs going, record each as it ends.
+
+        Raises:
+            RunFailed: a run failed (the others went on and are recorded; a rerun retries the failed one).
+        """
+        running: dict[Future, RunSpec] = {}
+        failures: list[str] = []
         while True:
-            specs = [spec for method in self.profile.methods for spec in pending(task, method, self.profile.seeds,
-                                                                                  self.records)]  # fmt: skip
-            if not specs:
-                return
-            self._progress(f"{task.name}: {len(specs)} runs in this round")
-            futures = {pool.submit(execute, spec, str(self.work), self.keep_adapters): spec for spec in specs}
-            failures = []
-            for future in as_completed(futures):  # each run is recorded as soon as it ends
-                spec = futures[future]
+            while len(running) < jobs:
+                spec = self._next({s.key for s in running.values()} | set(failures))
+                if spec is None:
+                    break
+                running[pool.submit(execute, spec, str(self.work), self.keep_adapters)] = spec
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                spec = running.pop(future)
                 try:
                     record = future.result()
                 except RunFailed as failure:
-                    failures.append(str(failure))
+                    failures.append(spec.key)
                     self._progress(f"error: {failure}")
                     continue
                 self.store.append(record)
                 self.records[record["id"]] = record
                 self.done += 1
+                task = spec.task
                 self._progress(
                     f"{spec.describe()}: validation {task.metric} {record['validation'][task.metric]:.4f}, "
                     f"test {record['test'][task.metric]:.4f}, {record['adapter_parameters']:,} adapter parameters, "
                     f"{record['run_seconds']:.0f} s"
                 )
-            if failures:  # the round's other runs are recorded; a rerun retries only the failed ones
-                raise RunFailed(f"{len(failures)} run(s) failed; the first: {failures[0]}")
+        if failures:
+            raise RunFailed(f"{len(failures)} run(s) failed (see the error lines above); a rerun retries them")
 
 
 Named = TypeVar("Named", Task, Method)
@@ -308,13 +330,12 @@ def _pick(items: Sequence[Named], names: list[str] | None, flag: str) -> tuple[N
     return tuple(known[name] for name in names)
 
 
-def run_study(profile: Profile, study: Study, jobs: int) -> None:
-    """Every task of the profile in turn, `jobs` runs at a time in worker processes (cores / jobs threads each)."""
+def run_study(study: Study, jobs: int) -> None:
+    """The study's pending runs, `jobs` at a time in worker processes (cores / jobs threads each)."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
-        for task in profile.tasks:
-            study.run_task(task, pool)
+        study.run(pool, jobs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -340,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     store = RecordStore(Path(args.records) if args.records else default_records)
     out = Path(args.out) if args.out else Path("docs/results.md" if profile.name == "cpu" else "docs/results-gpu.md")
     if not args.report_only:
-        run_study(profile, Study(profile, Path(args.work) / profile.name, store, args.keep_adapters), args.jobs)
+        run_study(Study(profile, Path(args.work) / profile.name, store, args.keep_adapters), args.jobs)
     for path in write_report(full, store.load(), out):  # the whole study's report, whatever subset trained now
         print(f"written: {path}")
 

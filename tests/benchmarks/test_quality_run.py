@@ -64,7 +64,7 @@ def test_study_tunes_on_validation_tests_every_run_and_reports(tmp_path, make_mo
     profile = Profile("test", (task,), chosen, seeds=(0, 1))
     store = quality.RecordStore(tmp_path / "records.jsonl")
     study = quality.Study(profile, tmp_path / "work", store, keep_adapters=True)
-    quality.run_study(profile, study, jobs=2)
+    quality.run_study(study, jobs=2)
     records = store.load()
 
     rows = [json.loads(line) for line in Path(task.test).read_text().splitlines()]
@@ -91,5 +91,5 @@ def test_study_tunes_on_validation_tests_every_run_and_reports(tmp_path, make_mo
     row = next(line for line in text.splitlines() if line.startswith("| gradient (ranks + init) at r 2 | r 2 |"))
     assert row.count("(p ") == 2  # paired against LoRA r 2 and against LoRA's curve
     lines_before = store.path.read_text()
-    quality.run_study(profile, quality.Study(profile, tmp_path / "work", store), jobs=1)
+    quality.run_study(quality.Study(profile, tmp_path / "work", store), jobs=1)
     assert store.path.read_text() == lines_before  # every run came from the records
