@@ -195,7 +195,7 @@ def _task_section(
             if o.method.name in adjusted:
                 curve_text += f"; Holm p {adjusted[o.method.name]:.3g}"
         mean = oriented(statistics.fmean(o.test(task).values()), task.higher_is_better)
-        ratio = _ratio(mean_curve, mean, o.parameters(), complete_curve=len(mean_curve) == len(frontier))
+        ratio = "—" if o.method.frontier else _ratio(mean_curve, mean, o.parameters(), len(mean_curve) == len(frontier))
         steps = "—"
         if target is not None:
             reached = steps_to([(s, oriented(v, task.higher_is_better)) for s, v in
