@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ASSET_NAMES = ("minilm-l6", "smollm2-135m", "rotten-tomatoes", "shakespeare", "chatterbot-qa")
+ASSET_NAMES = ("minilm-l6", "smollm2-135m", "rotten-tomatoes", "shakespeare", "chatterbot-qa", "snli", "trec")
 
 
 @pytest.fixture
