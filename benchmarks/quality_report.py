@@ -38,6 +38,10 @@ class Outcome:
     def test(self, task: Task) -> dict[int, float]:
         return {seed: run["test"][task.metric] for seed, run in self.runs.items()}
 
+    def mean_test(self, task: Task) -> float:
+        """The mean test metric over seeds, turned so that larger is better."""
+        return oriented(statistics.fmean(self.test(task).values()), task.higher_is_better)
+
     def parameters(self) -> float:
         return statistics.fmean(run["adapter_parameters"] for run in self.runs.values())
 
@@ -89,7 +93,7 @@ def _curve_pairs(task: Task, ours: Outcome, frontier: list[Outcome]) -> Paired |
 
 
 def _mean_curve(task: Task, frontier: list[Outcome]) -> list[tuple[float, float]]:
-    return sorted((o.parameters(), oriented(statistics.fmean(o.test(task).values()), task.higher_is_better))
+    return sorted((o.parameters(), o.mean_test(task))
                   for o in frontier if o.runs)  # fmt: skip
 
 
@@ -173,7 +177,7 @@ def _task_section(
     adjusted = dict(zip(tested, holm([curves[name].p for name in tested]), strict=True))
     lora8_mean = None
     if lora8 is not None and lora8.runs:
-        lora8_mean = oriented(statistics.fmean(lora8.test(task).values()), task.higher_is_better)
+        lora8_mean = lora8.mean_test(task)
     best_gain: float | None = None
     for o in outcomes:
         tried = ", ".join(f"{'**' if lr == o.chosen else ''}{lr:g}: {v:.4f}{'**' if lr == o.chosen else ''}"
@@ -194,7 +198,7 @@ def _task_section(
             curve_text = curve.describe()
             if o.method.name in adjusted:
                 curve_text += f"; Holm p {adjusted[o.method.name]:.3g}"
-        mean = oriented(statistics.fmean(o.test(task).values()), task.higher_is_better)
+        mean = o.mean_test(task)
         ratio = "—" if o.method.frontier else _ratio(mean_curve, mean, o.parameters(), len(mean_curve) == len(frontier))
         steps = "—"
         if target is not None:
