@@ -148,7 +148,8 @@ def _lora(r: int) -> dict[str, Any]:
 
 def methods(l1ra: bool = True) -> tuple[Method, ...]:
     """LoRA's curve, then the data-driven methods at the r 8 budget (the gradient method also at r 2), its two
-    ablations, and the methods that move ranks during training (L1RA only with `l1ra`)."""
+    ablations, and the methods that move ranks during training (L1RA alone only with `l1ra`; L1RA started from the
+    gradient method always, as the test of composing the two)."""
     frontier = [
         Method(f"lora-r{r}", f"LoRA r {r}", r, {"lora": _lora(r), "allocation": {"method": "none"}}, frontier=True)
         for r in FRONTIER_RANKS
@@ -200,6 +201,23 @@ def methods(l1ra: bool = True) -> tuple[Method, ...]:
                 },
             },
             note="L1 gates prune rank components during training and hand them to other modules",
+        ),
+        Method(
+            "gradient-l1ra-r8",
+            "gradient start, L1RA refinement at r 8",
+            8,
+            {
+                "lora": _lora(8),
+                "allocation": {
+                    "method": "l1ra",
+                    "l1ra_lambda": 0.3,
+                    "eta_c": 0.05,
+                    "rank_update_ratio": 0.1,
+                    "budget": "params",
+                    "start": {"method": "gradient", "rho": 2.0, "batches": 8},
+                },
+            },
+            note="the gradient method's ranks and A at step 0, then L1RA's gates move ranks during training",
         ),
         Method(
             "adalora-r8",

@@ -1,8 +1,9 @@
 """The contract every registered allocation method keeps, on every tiny model family: one table, in the style of
 PEFT's `testing_common`. A new method gets all of it by registering; its settings for a tiny run go in
-METHOD_SETTINGS (a method not listed runs with its defaults).
+METHOD_SETTINGS (a method not listed runs with its defaults); a composition (one method's settings naming another's)
+goes in COMPOSITIONS and is held to the same contract under its own name.
 
-For each method × family (tiny llama and GPT-2 causal LMs, a tiny BERT classifier):
+For each method or composition × family (tiny llama and GPT-2 causal LMs, a tiny BERT classifier):
 
 1. a short run's export loads with vanilla PEFT and gives the trained model's logits (atol 1e-5);
 2. save → load → save with vanilla PEFT keeps the tensors exactly and adapter_config.json (up to what PEFT rewrites
@@ -52,7 +53,18 @@ METHOD_SETTINGS: dict[str, dict[str, object]] = {
     "eva": {"rho": 2.0, "batches": 4},
     "gradient": {"rho": 2.0, "batches": 2},
 }
+# Compositions: a registered method whose settings change how it builds, held to the same contract under its own
+# name. L1RA started from the gradient method's ranks and factors (budget in parameters, as the gradient method's).
+COMPOSITIONS: dict[str, dict[str, object]] = {
+    "l1ra+gradient": {
+        "method": "l1ra",
+        **METHOD_SETTINGS["l1ra"],
+        "budget": "params",
+        "start": {"method": "gradient", **METHOD_SETTINGS["gradient"]},
+    },
+}
 METHODS = [method.name for method in registered_methods()]
+CASES = METHODS + list(COMPOSITIONS)
 CAPABILITIES = {method.name: method.capabilities for method in registered_methods()}
 FAMILIES = {"llama": "causal_lm", "gpt2": "causal_lm", "bert": "classification"}
 STEPS = 16
@@ -63,8 +75,15 @@ RESUME_FROM = 10  # mid-way through the second epoch
 INPUT_IDS = torch.tensor([[9, 20, 31, 42, 53, 64, 75, 86], [12, 14, 16, 18, 20, 22, 24, 26]])
 
 
-def _settings(method: str) -> dict[str, object]:
-    return {"method": method, **METHOD_SETTINGS.get(method, {})}
+def _settings(case: str) -> dict[str, object]:
+    if case in COMPOSITIONS:
+        return copy.deepcopy(COMPOSITIONS[case])
+    return {"method": case, **METHOD_SETTINGS.get(case, {})}
+
+
+def _method(case: str) -> str:
+    """The registered method a case runs."""
+    return str(_settings(case)["method"])
 
 
 def _auto_class(family: str):
@@ -94,7 +113,7 @@ def _classification_config(model_dir: Path, folder: Path) -> dict:
     }
 
 
-def run_config(model_dir: Path, folder: Path, method: str, family: str) -> dict:
+def run_config(model_dir: Path, folder: Path, case: str, family: str) -> dict:
     """A two-epoch run of STEPS steps with LoRA dropout on every linear layer, the method's settings applied."""
     folder.mkdir(parents=True, exist_ok=True)
     if FAMILIES[family] == "classification":
@@ -104,7 +123,7 @@ def run_config(model_dir: Path, folder: Path, method: str, family: str) -> dict:
         config["data"]["max_train_samples"] = 2  # 32 blocks of 32 tokens: 8 steps an epoch at batch 4
     config["training"].update(max_steps=STEPS, learning_rate=LEARNING_RATE)
     config["lora"] = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"}
-    config["allocation"] = _settings(method)
+    config["allocation"] = _settings(case)
     return config
 
 
@@ -131,22 +150,22 @@ class Runs:
             self.model_dirs[family] = save_tiny_model(self.root / f"tiny-{family}", family, FAMILIES[family])
         return self.model_dirs[family]
 
-    def get(self, method: str, family: str) -> Trained:
-        key = (method, family)
+    def get(self, case: str, family: str) -> Trained:
+        key = (case, family)
         if key not in self.runs:
             try:
-                self.runs[key] = self._train(method, family)
+                self.runs[key] = self._train(case, family)
             except Exception as error:
                 self.runs[key] = error
                 raise
         run = self.runs[key]
         if isinstance(run, Exception):
-            raise RuntimeError(f"the {method} run on {family} failed in an earlier test") from run
+            raise RuntimeError(f"the {case} run on {family} failed in an earlier test") from run
         return run
 
-    def _train(self, method: str, family: str) -> Trained:
+    def _train(self, case: str, family: str) -> Trained:
         model_dir = self.model_dir(family)
-        config = run_config(model_dir, self.root / f"{method}-{family}", method, family)
+        config = run_config(model_dir, self.root / f"{case}-{family}", case, family)
         captured: list[torch.Tensor] = []
 
         def logits_then_export(model, *args, **kwargs):
@@ -211,10 +230,10 @@ def as_peft_reads_it(config: dict) -> dict:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("method", METHODS)
-def test_export_loads_in_vanilla_peft_with_the_trained_logits(method, family, runs):
-    run = runs.get(method, family)
-    assert json.loads((run.output_dir / "ranktune.json").read_text())["allocation"] == method
+@pytest.mark.parametrize("case", CASES)
+def test_export_loads_in_vanilla_peft_with_the_trained_logits(case, family, runs):
+    run = runs.get(case, family)
+    assert json.loads((run.output_dir / "ranktune.json").read_text())["allocation"] == _method(case)
     model = load_vanilla(run.model_dir, run.output_dir, family)
     with torch.no_grad():
         logits = model(**_inputs(family)).logits
@@ -234,24 +253,24 @@ def plain_lora_ranks(model_dir: Path, family: str) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("method", METHODS)
-def test_settings_make_the_method_act(method, family, runs):
+@pytest.mark.parametrize("case", CASES)
+def test_settings_make_the_method_act(case, family, runs):
     """A method that moves ranks ends this run with another layout than plain LoRA's (else METHOD_SETTINGS is too
     weak for it and the other checks would test plain LoRA again); one that never moves them keeps plain LoRA's."""
-    run = runs.get(method, family)
+    run = runs.get(case, family)
     info = json.loads((run.output_dir / "ranktune.json").read_text())
     ranks = {module["module"]: module["rank"] for module in info["modules"]}
     plain = plain_lora_ranks(run.model_dir, family)
-    if CAPABILITIES[method].moves_ranks == "never":
+    if CAPABILITIES[_method(case)].moves_ranks == "never":
         assert ranks == plain
     else:
-        assert ranks != plain, f"{method} moved no rank on {family}: give it stronger METHOD_SETTINGS"
+        assert ranks != plain, f"{case} moved no rank on {family}: give it stronger METHOD_SETTINGS"
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("method", METHODS)
-def test_save_load_save_keeps_the_adapter(method, family, runs, tmp_path):
-    run = runs.get(method, family)
+@pytest.mark.parametrize("case", CASES)
+def test_save_load_save_keeps_the_adapter(case, family, runs, tmp_path):
+    run = runs.get(case, family)
     second, third = tmp_path / "second", tmp_path / "third"
     load_vanilla(run.model_dir, run.output_dir, family).save_pretrained(second)
     assert_same_tensors(second, run.output_dir, atol=0, what="saved again by PEFT")  # exactly
@@ -271,9 +290,9 @@ def test_save_load_save_keeps_the_adapter(method, family, runs, tmp_path):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("method", METHODS)
-def test_resumed_run_ends_like_the_uninterrupted_one(method, family, runs, tmp_path):
-    run = runs.get(method, family)
+@pytest.mark.parametrize("case", CASES)
+def test_resumed_run_ends_like_the_uninterrupted_one(case, family, runs, tmp_path):
+    run = runs.get(case, family)
     config = copy.deepcopy(run.config)
     config["output_dir"] = str(tmp_path / "out")
     config["training"].update(save_strategy="steps", save_steps=SAVE_STEPS, save_total_limit=None)
@@ -282,7 +301,7 @@ def test_resumed_run_ends_like_the_uninterrupted_one(method, family, runs, tmp_p
     _resume_from(config, RESUME_FROM)
     assert as_peft_reads_it(adapter_config(out)) == as_peft_reads_it(adapter_config(run.output_dir))
     assert_same_tensors(out, run.output_dir, atol=1e-6, what=f"resumed from checkpoint-{RESUME_FROM}")
-    method_files = next(m.history_files for m in registered_methods() if m.name == method)
+    method_files = next(m.history_files for m in registered_methods() if m.name == _method(case))
     for name in ("rank_history.jsonl", *method_files):  # the records after the checkpoint are written once, again
         if (run.output_dir / name).exists() or (out / name).exists():
             assert history_rows(out / name) == history_rows(run.output_dir / name), name

@@ -128,3 +128,54 @@ def test_gpt2_conv1d_gradient_is_read_as_out_by_in(tmp_path):
     _, _, vt = torch.linalg.svd(conv_grad.T, full_matrices=False)  # of the (out, in) gradient
     alignment = torch.linalg.svdvals(torch.nn.functional.normalize(lora_a, dim=1) @ vt[:2].T)
     assert alignment.min() > 0.999, alignment
+
+
+def test_l1ra_started_from_the_gradient_begins_with_its_ranks_and_factors(tmp_path):
+    """One step of each at a negligible learning rate, no rank update yet: the L1RA run's ranks are the gradient
+    run's and its A rows point the same way (L1RA's exported A has each row scaled by its gate, which took a step)."""
+    from safetensors.torch import load_file
+
+    from ranktune.training import train
+    from tests.training.test_run import text_config
+
+    model_dir = save_tiny_model(tmp_path / "llama", "llama")
+    starts, tensors = {}, {}
+    for name, allocation in {
+        "gradient": {"method": "gradient", "rho": 2.0, "batches": 2},
+        "l1ra": {"method": "l1ra", "budget": "params", "start": {"method": "gradient", "rho": 2.0, "batches": 2}},
+    }.items():
+        (tmp_path / name).mkdir()
+        config = text_config(model_dir, tmp_path / name, max_steps=1, learning_rate=1e-9)
+        config["lora"] = {"r": 4, "alpha": 8, "target_modules": TARGETS}
+        config["allocation"] = allocation
+        result = train(validate_config(config))
+        starts[name] = {module["module"]: module["rank"] for module in result.info["modules"]}
+        tensors[name] = load_file(str(result.output_dir / "adapter_model.safetensors"))
+    assert starts["l1ra"] == starts["gradient"]
+    assert len(set(starts["gradient"].values())) > 1  # the gradient did move ranks: the comparison means something
+    keys = [key for key in tensors["gradient"] if "lora_A" in key]
+    assert sorted(keys) == sorted(key for key in tensors["l1ra"] if "lora_A" in key) and len(keys) == 6
+    for key in keys:
+        want = torch.nn.functional.normalize(tensors["gradient"][key], dim=1)  # (r, in)
+        got = torch.nn.functional.normalize(tensors["l1ra"][key], dim=1)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("lora", "allocation", "message"),
+    [
+        ({"r": 4}, {"max_rank": 6, "start": {"rho": 2.0}}, "allocation.start.rho (2.0) lets a module start above"),
+        ({"r": 4, "rank_pattern": {"q_proj": 2}}, {"start": {}}, "remove lora.rank_pattern"),
+        ({"r": 4, "rslora": True}, {"start": {}}, "remove lora.rslora"),
+    ],
+)
+def test_l1ra_start_refuses_what_the_gradient_would_override(lora, allocation, message):
+    start = {"method": "gradient", **allocation.pop("start")}
+    with pytest.raises(UserInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load = {
+            "model": {"name_or_path": "tiny"},
+            "data": {"train": "train.jsonl"},
+            "lora": lora,
+            "allocation": {"method": "l1ra", **allocation, "start": start},
+        }
+        validate_config(load)

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from ranktune.adapters.lora import attach_peft, build_lora_config, lora_layers
 from ranktune.allocation.methods.gradient import GradientSettings
+from ranktune.allocation.registry import BuildContext
 from ranktune.allocation.saliency import Batch, summed_gradients
 from ranktune.config import RunConfig
 from ranktune.errors import UserInputError
@@ -142,3 +143,18 @@ def attach_gradient_lora(
                 lora_a = layer.lora_A[peft_model.active_adapter].weight  # (r, in)
                 lora_a.copy_(directions[name][: lora_a.shape[0]] * DEFAULT_ROW_NORM)
     return peft_model
+
+
+def build_gradient_lora(
+    model: PreTrainedModel, config: RunConfig, settings: GradientSettings, context: BuildContext
+) -> PeftModel:
+    """`attach_gradient_lora` on the first `settings.batches` training batches of the global batch size, moved to
+    the device training will use (the backward passes and SVDs run there).
+
+    The batches are shared out whole among the processes: the rows are the same whatever the number of processes,
+    and the gradients summed across them give every process the same decision.
+    """
+    rows = context.args.per_device_train_batch_size * context.args.world_size
+    batches = context.calibration_batches(settings.batches, batch_size=rows, shard=True)
+    model = model.to(context.args.device)
+    return attach_gradient_lora(model, config, settings, batches, context.gradient_checkpointing)

@@ -30,7 +30,9 @@ class L1RAConfig(LoraConfig):
     """A `peft.LoraConfig` plus the L1RA knobs: the drop-in config of `L1RATrainer` / `L1RASFTTrainer`.
 
     The knobs, their defaults and their ranges are `L1RASettings`' (the YAML's `allocation` section); `settings()`
-    validates them there. `max_rank` is each module's fixed capacity (default 2 × r).
+    validates them there. `max_rank` is each module's fixed capacity (default 2 × r). `start` is not among them: the
+    drop-in trainers wrap the model with plain LoRA in their constructor, before any training batch exists; a
+    gradient start is a `ranktune train` (YAML or Python `RunConfig`) setting.
     """
 
     l1ra_lambda: float = _DEFAULTS["l1ra_lambda"]
@@ -54,7 +56,7 @@ class L1RAConfig(LoraConfig):
 
     def settings(self) -> L1RASettings:
         """The L1RA knobs, validated as the YAML's are."""
-        knobs = set(L1RASettings.model_fields) - {"method"}
+        knobs = set(L1RASettings.model_fields) - {"method", "start"}
         return L1RASettings(**{name: getattr(self, name) for name in knobs})
 
     @property

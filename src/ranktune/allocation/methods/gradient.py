@@ -48,15 +48,9 @@ class GradientSettings(MethodSettings):
 def build(model: PreTrainedModel, config: RunConfig, context: BuildContext) -> AdaptedModel:
     """The base model's gradient over the first `batches` training batches, then LoRA at the ranks it gives."""
     from ranktune.allocation.fixed_ranks import FixedRanks
-    from ranktune.allocation.gradient import attach_gradient_lora
+    from ranktune.allocation.gradient import build_gradient_lora
 
-    settings: GradientSettings = config.allocation
-    # Batches of the global batch size, shared out whole among the processes: the rows are the same whatever the
-    # number of processes, and the gradients summed across them give every process the same decision.
-    rows = context.args.per_device_train_batch_size * context.args.world_size
-    batches = context.calibration_batches(settings.batches, batch_size=rows, shard=True)
-    model = model.to(context.args.device)  # the backward passes and SVDs run where training will
-    model = attach_gradient_lora(model, config, settings, batches, context.gradient_checkpointing)
+    model = build_gradient_lora(model, config, config.allocation, context)
     return AdaptedModel(model, FixedRanks(model, "gradient"))
 
 

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from ranktune.allocation.methods.gradient import GradientSettings
 from ranktune.allocation.registry import (
     AdaptedModel,
     BuildContext,
@@ -29,6 +30,11 @@ class L1RASettings(MethodSettings):
 
     `max_rank` is each module's fixed capacity (default 2 × lora.r): a module can at most double its rank, which
     covers the growth seen in the L1RA paper's runs while keeping the reserved memory to one extra LoRA's worth.
+
+    `start` (ours, not the reference's): where the ranks and factors stand at step 0. None starts every module at
+    lora.r with PEFT's init; the gradient method's settings (`start: {method: gradient, rho, init, batches}`) start
+    from the ranks and A it chooses before step 0, which the gates then refine during training. Pair it with
+    `budget: params`, the quantity the gradient method spends.
     """
 
     method: Literal["l1ra"] = "l1ra"
@@ -41,6 +47,7 @@ class L1RASettings(MethodSettings):
     budget: Budget = "ranks"
     max_rank: int | None = Field(default=None, gt=0)
     min_rank: int = Field(default=1, ge=0)
+    start: GradientSettings | None = None
 
     def capacity(self, lora_r: int) -> int:
         """Each module's fixed number of rank components."""
@@ -49,6 +56,19 @@ class L1RASettings(MethodSettings):
     def check_with_lora(self, lora: LoraSettings) -> None:
         if self.max_rank is not None and self.max_rank < lora.r:
             raise ValueError(f"allocation.max_rank ({self.max_rank}) must be at least lora.r ({lora.r})")
+        if self.start is None:
+            return
+        if self.start.rho * lora.r > self.capacity(lora.r):
+            raise ValueError(
+                f"allocation.start.rho ({self.start.rho}) lets a module start above its capacity "
+                f"({self.capacity(lora.r)}, allocation.max_rank): lower the one or raise the other"
+            )
+        keys = ("rank_pattern", "alpha_pattern", "rslora", "plan", "modules", "layers", "reference_config")
+        given = [f"lora.{key}" for key in keys if getattr(lora, key)]
+        if given:
+            raise ValueError(
+                f"allocation.start chooses every module's rank and scale from the gradient: remove {', '.join(given)}"
+            )
 
 
 def build(model: PreTrainedModel, config: RunConfig, context: BuildContext) -> AdaptedModel:
@@ -58,7 +78,12 @@ def build(model: PreTrainedModel, config: RunConfig, context: BuildContext) -> A
     from ranktune.allocation.l1ra import L1RAStrategy
 
     settings: L1RASettings = config.allocation
-    model = attach_configured_lora(model, config, context.gradient_checkpointing)
+    if settings.start is None:
+        model = attach_configured_lora(model, config, context.gradient_checkpointing)
+    else:
+        from ranktune.allocation.gradient import build_gradient_lora
+
+        model = build_gradient_lora(model, config, settings.start, context)
     modules = install_gates(model, settings.capacity(config.lora.r))
     return AdaptedModel(model, L1RAStrategy(modules, settings, seed=context.seed))
 
@@ -74,7 +99,7 @@ METHOD = register_allocation_method(
         rank_pattern=True,
         dora=False,
         lora_init=False,
-        calibration_batches=False,
+        calibration_batches=True,
         moves_ranks="during_training",
     ),
 )
