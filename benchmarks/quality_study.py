@@ -180,6 +180,13 @@ def methods(l1ra: bool = True) -> tuple[Method, ...]:
             note="ablation: the gradient method's initialisation alone",
         ),
         Method(
+            "gradient-step-r8",
+            "gradient ranks, one-step start at r 8",
+            8,
+            {"lora": _lora(8), "allocation": {"method": "gradient", "rho": 2.0, "batches": 8, "init": "step"}},
+            note="the gradient's ranks and A, and B set so the adapter starts as 10 Adam-sized steps down the gradient",
+        ),
+        Method(
             "eva-r8",
             "EVA at r 8",
             8,

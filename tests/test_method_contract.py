@@ -1,9 +1,9 @@
 """The contract every registered allocation method keeps, on every tiny model family: one table, in the style of
 PEFT's `testing_common`. A new method gets all of it by registering; its settings for a tiny run go in
-METHOD_SETTINGS (a method not listed runs with its defaults); a composition (one method's settings naming another's)
-goes in COMPOSITIONS and is held to the same contract under its own name.
+METHOD_SETTINGS (a method not listed runs with its defaults); a variant (settings that change how a method builds, or
+one method's settings naming another's) goes in VARIANTS and is held to the same contract under its own name.
 
-For each method or composition × family (tiny llama and GPT-2 causal LMs, a tiny BERT classifier):
+For each method or variant × family (tiny llama and GPT-2 causal LMs, a tiny BERT classifier):
 
 1. a short run's export loads with vanilla PEFT and gives the trained model's logits (atol 1e-5);
 2. save → load → save with vanilla PEFT keeps the tensors exactly and adapter_config.json (up to what PEFT rewrites
@@ -53,9 +53,11 @@ METHOD_SETTINGS: dict[str, dict[str, object]] = {
     "eva": {"rho": 2.0, "batches": 4},
     "gradient": {"rho": 2.0, "batches": 2},
 }
-# Compositions: a registered method whose settings change how it builds, held to the same contract under its own
-# name. L1RA started from the gradient method's ranks and factors (budget in parameters, as the gradient method's).
-COMPOSITIONS: dict[str, dict[str, object]] = {
+# Variants: a registered method with settings that change how it builds, held to the same contract under their own
+# name. The gradient method starting the adapter as a step down the gradient (B not 0 at step 0); L1RA started from
+# the gradient method's ranks and factors (budget in parameters, as the gradient method's).
+VARIANTS: dict[str, dict[str, object]] = {
+    "gradient-step": {"method": "gradient", **METHOD_SETTINGS["gradient"], "init": "step"},
     "l1ra+gradient": {
         "method": "l1ra",
         **METHOD_SETTINGS["l1ra"],
@@ -64,7 +66,7 @@ COMPOSITIONS: dict[str, dict[str, object]] = {
     },
 }
 METHODS = [method.name for method in registered_methods()]
-CASES = METHODS + list(COMPOSITIONS)
+CASES = METHODS + list(VARIANTS)
 CAPABILITIES = {method.name: method.capabilities for method in registered_methods()}
 FAMILIES = {"llama": "causal_lm", "gpt2": "causal_lm", "bert": "classification"}
 STEPS = 16
@@ -76,8 +78,8 @@ INPUT_IDS = torch.tensor([[9, 20, 31, 42, 53, 64, 75, 86], [12, 14, 16, 18, 20, 
 
 
 def _settings(case: str) -> dict[str, object]:
-    if case in COMPOSITIONS:
-        return copy.deepcopy(COMPOSITIONS[case])
+    if case in VARIANTS:
+        return copy.deepcopy(VARIANTS[case])
     return {"method": case, **METHOD_SETTINGS.get(case, {})}
 
 

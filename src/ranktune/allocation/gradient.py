@@ -100,13 +100,17 @@ def attach_gradient_lora(
     settings: GradientSettings,
     batches: Sequence[Batch],
     gradient_checkpointing: bool = False,
+    learning_rate: float | None = None,
 ) -> PeftModel:
     """LoRA on the `lora` section's targets at the ranks the gradient gives, each module keeping the scale
-    alpha / r of the section, A from the gradient (`init: gradient`) or PEFT's default, B = 0.
+    alpha / r of the section, A from the gradient (`init: gradient` or `step`) or PEFT's default, B = 0 but with
+    `init: step` (then B starts the adapter at -γ G_k, γ from `learning_rate` and `init_steps`).
 
     Raises:
         UserInputError: a quantized base (its weights have no gradient to take).
     """
+    if settings.init == "step" and learning_rate is None:
+        raise ValueError("init 'step' sizes the start by the learning rate: pass learning_rate")
     if getattr(model, "is_quantized", False):
         raise UserInputError("allocation.method 'gradient' needs the base weights' gradient: use an unquantized base")
     lora = config.lora
@@ -119,9 +123,12 @@ def attach_gradient_lora(
     max_ranks = {name: max(1, min(math.floor(settings.rho * lora.r), *shapes[name])) for name in shapes}
     spectra: dict[str, torch.Tensor] = {}
     directions: dict[str, torch.Tensor] = {}  # the top right singular vectors each module may use: (max rank, in)
+    outputs: dict[str, torch.Tensor] = {}  # with init 'step', the top left ones times σ: (out, max rank)
     for name in list(gradients):
-        _, singular_values, vt = torch.linalg.svd(gradients.pop(name), full_matrices=False)
+        u, singular_values, vt = torch.linalg.svd(gradients.pop(name), full_matrices=False)
         spectra[name], directions[name] = singular_values, vt[: max_ranks[name]].clone()
+        if settings.init == "step":
+            outputs[name] = (u[:, : max_ranks[name]] * singular_values[: max_ranks[name]]).clone()
     if settings.rho == 1.0:
         ranks = {name: min(lora.r, max_ranks[name]) for name in shapes}
     else:
@@ -137,19 +144,37 @@ def attach_gradient_lora(
         }
     )
     peft_model = attach_peft(model, build_lora_config(chosen, config.model.task), gradient_checkpointing)
-    if settings.init == "gradient":
-        with torch.no_grad():
-            for name, layer in lora_layers(peft_model).items():
-                lora_a = layer.lora_A[peft_model.active_adapter].weight  # (r, in)
-                lora_a.copy_(directions[name][: lora_a.shape[0]] * DEFAULT_ROW_NORM)
+    if settings.init == "lora":
+        return peft_model
+    adapter = peft_model.active_adapter
+    with torch.no_grad():
+        for name, layer in lora_layers(peft_model).items():
+            lora_a = layer.lora_A[adapter].weight  # (k, in)
+            rank = lora_a.shape[0]
+            lora_a.copy_(directions[name][:rank] * DEFAULT_ROW_NORM)
+            if settings.init == "step":
+                lora_b = layer.lora_B[adapter].weight  # (out, k)
+                size = learning_rate * settings.init_steps
+                lora_b.copy_(_step_start(outputs[name][:, :rank], lora_a.shape[1], size, scale))
     return peft_model
+
+
+def _step_start(left: torch.Tensor, in_features: int, size: float, scale: float) -> torch.Tensor:
+    """B such that scale · B · A = -γ G_k for A = V_kᵀ / √3, G_k = U_k Σ_k V_kᵀ (`left` = U_k Σ_k: (out, k)), and γ
+    making the RMS entry of γ G_k equal to `size`. G_k's Frobenius norm is U_k Σ_k's (V_kᵀ has orthonormal rows), so
+    its RMS entry is ‖U_k Σ_k‖ / √(out · in). A zero gradient gives B = 0."""
+    norm = float(left.norm())
+    if norm == 0.0:
+        return torch.zeros_like(left)
+    gamma = size * math.sqrt(left.shape[0] * in_features) / norm
+    return left * (-gamma / (scale * DEFAULT_ROW_NORM))  # (out, k)
 
 
 def build_gradient_lora(
     model: PreTrainedModel, config: RunConfig, settings: GradientSettings, context: BuildContext
 ) -> PeftModel:
     """`attach_gradient_lora` on the first `settings.batches` training batches of the global batch size, moved to
-    the device training will use (the backward passes and SVDs run there).
+    the device training will use (the backward passes and SVDs run there), at the run's learning rate.
 
     The batches are shared out whole among the processes: the rows are the same whatever the number of processes,
     and the gradients summed across them give every process the same decision.
@@ -157,4 +182,5 @@ def build_gradient_lora(
     rows = context.args.per_device_train_batch_size * context.args.world_size
     batches = context.calibration_batches(settings.batches, batch_size=rows, shard=True)
     model = model.to(context.args.device)
-    return attach_gradient_lora(model, config, settings, batches, context.gradient_checkpointing)
+    gradient_checkpointing, learning_rate = context.gradient_checkpointing, context.args.learning_rate
+    return attach_gradient_lora(model, config, settings, batches, gradient_checkpointing, learning_rate)
