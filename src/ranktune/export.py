@@ -16,7 +16,6 @@ Shortcut connections, which PEFT cannot express, go beside the adapter (shortcut
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel
+from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
@@ -38,6 +37,7 @@ from ranktune.adapters.shortcuts import ShortcutSet
 from ranktune.allocation.strategy import FoldedFactors
 from ranktune.errors import RuntimeFailure
 from ranktune.files import STAGING_PREFIX
+from ranktune.serving.forms import canonical_config
 
 
 def canonical_adapter(model: PeftModel, factors: FoldedFactors) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -65,23 +65,7 @@ def canonical_adapter(model: PeftModel, factors: FoldedFactors) -> tuple[dict[st
         ranks[name] = int(lora_a.shape[0])
     if not ranks:
         raise RuntimeFailure("every adapted module was pruned to rank 0; there is no adapter to write")
-    lora_fields = {f.name for f in dataclasses.fields(LoraConfig)}
-    config = {k: v for k, v in model.peft_config["default"].to_dict().items() if k in lora_fields}
-    top = max(ranks.values())
-    config.update(
-        peft_type="LORA",
-        r=top,
-        lora_alpha=top,
-        rank_pattern=dict(ranks),
-        alpha_pattern=dict(ranks),
-        target_modules=sorted(ranks),
-        exclude_modules=None,
-        use_rslora=False,
-        layers_to_transform=None,
-        layers_pattern=None,
-        inference_mode=True,  # as PEFT's save_pretrained writes it
-    )
-    return tensors, config
+    return tensors, canonical_config(model.peft_config["default"].to_dict(), ranks)
 
 
 def _save_canonical(model: PeftModel, factors: FoldedFactors, folder: Path) -> None:

@@ -528,7 +528,36 @@ CASES: list[Case] = [
             ("inspect", lambda ws: []),
             ("merge", lambda ws: ["--out", str(ws.root / "merged")]),
             ("generate", lambda ws: ["--prompt", "hi"]),
+            ("export", lambda ws: ["--out", str(ws.root / "merged")]),
         )
+    ),
+    Case(
+        "export into a folder that holds files",
+        lambda ws: ["export", str(_causal(ws)), "--out", ws.file("taken/keep.txt", "mine").rsplit("/", 1)[0]],
+        2,
+        ("already exists", "--out"),
+        after=lambda ws: _exists(ws.root / "taken" / "keep.txt"),
+    ),
+    Case(
+        "export with --max-rank 0",
+        lambda ws: ["export", str(_causal(ws)), "--out", str(ws.root / "capped"), "--max-rank", "0"],
+        2,
+        ("--max-rank must be at least 1",),
+        after=lambda ws: _absent(ws.root / "capped"),
+    ),
+    Case(
+        "export gguf of a classifier (a trained head)",
+        lambda ws: [
+            "export",
+            str(_with_saved_head(_classifier(ws), 2)),
+            "--out",
+            str(ws.root / "a.gguf"),
+            "--format",
+            "gguf",
+        ],
+        2,
+        ("llama.cpp adapter holds LoRA factors only",),
+        after=lambda ws: _absent(ws.root / "a.gguf"),
     ),
     Case(
         "eval on an adapter whose tokenizer ships code",

@@ -44,11 +44,19 @@ def run(args: argparse.Namespace) -> int:
         )
     modules = read_module_ranks(adapter_dir) + read_shortcut_ranks(adapter_dir)
     modules.sort(key=lambda m: (-1 if m.layer is None else m.layer, m.module))  # shortcuts beside their layer
+    from ranktune.serving.engines import vllm_max_lora_rank
+
+    largest = max((m.rank for m in modules), default=0)
+    serving = vllm_max_lora_rank(largest)
     if args.json:
         report = {"adapter": str(adapter_dir), "modules": [m.to_dict() for m in modules], **module_totals(modules)}
+        report.update(largest_rank=largest, vllm_max_lora_rank=serving)
         print(json.dumps(report))
     else:
         print(rank_table(modules))
+        vllm = f"vLLM serves it with --max-lora-rank {serving}" if serving else "above what vLLM serves"
+        cap = "`ranktune export --max-rank N` caps it"
+        print(f"largest rank {largest}: engines pad every module to it ({vllm}; {cap})")
     if args.plot:
         print(f"plot: {plot_rank_heatmap(modules, args.plot)}")
         history_path = adapter_dir / RANK_HISTORY

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from ranktune.cli import (
     assets_cmd,
     eval_cmd,
+    export_cmd,
     generate_cmd,
     inspect_cmd,
     merge_cmd,
@@ -24,7 +25,7 @@ from ranktune.cli import (
 )
 from ranktune.errors import RanktuneError
 
-COMMANDS = (train_cmd, eval_cmd, generate_cmd, merge_cmd, inspect_cmd, saliency_cmd, plan_cmd, assets_cmd)
+COMMANDS = (train_cmd, eval_cmd, generate_cmd, merge_cmd, export_cmd, inspect_cmd, saliency_cmd, plan_cmd, assets_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
