@@ -332,6 +332,7 @@ def test_switching_allocation_method_by_override_names_the_stale_keys(tmp_path):
 def test_unknown_allocation_method_and_bad_target_regex_are_named(tmp_path):
     path = write(tmp_path, ISSUE_EXAMPLE)
     message = error_of(path, ["allocation.method=l1raa"])
-    assert "unknown allocation.method 'l1raa'; expected one of 'none', 'l1ra', 'adalora', 'hetero'" in message
+    expected = "'none', 'gradient', 'l1ra', 'adalora', 'hetero', 'eva'"
+    assert f"unknown allocation.method 'l1raa'; expected one of {expected}" in message
     message = error_of(path, ["lora.target_modules=[q_proj, v_proj"])
     assert "'lora.target_modules': is not a valid regular expression" in message

@@ -238,6 +238,17 @@ class ShortcutSettings(_Section):
 # The `allocation` section: one settings class per registered method, tagged by `method` (allocation/registry.py).
 AllocationConfig = settings_union()
 
+ServingForm = Literal["peft", "uniform", "gguf"]
+
+
+class ExportSettings(_Section):
+    """Serving forms written beside the adapter when training ends, into output_dir/serving (`ranktune export`'s
+    forms: peft, uniform, gguf), each with every module above `max_rank` reduced to its best rank-`max_rank`
+    approximation. The adapter in output_dir itself is always the canonical, uncapped one."""
+
+    formats: list[ServingForm] = Field(default_factory=list)
+    max_rank: int | None = Field(default=None, ge=1)
+
 
 class RunConfig(_Section):
     """A whole training run."""
@@ -248,6 +259,7 @@ class RunConfig(_Section):
     allocation: AllocationConfig = Field(default_factory=NoAllocation)
     shortcuts: ShortcutSettings | None = None
     training: dict[str, Any] = Field(default_factory=dict)
+    export: ExportSettings = Field(default_factory=ExportSettings)
     output_dir: str = Field(default="runs/ranktune", min_length=1)
 
     @model_validator(mode="after")
@@ -255,6 +267,8 @@ class RunConfig(_Section):
         per_module = [key for key in ("modules", "layers", "reference_config") if getattr(self.lora, key)]
         if self.lora.plan and per_module:
             raise ValueError(f"lora.plan sets every module itself; remove lora.{per_module[0]} or the plan")
+        if "gguf" in self.export.formats and self.model.task != "causal_lm":
+            raise ValueError("export.formats: gguf is a llama.cpp adapter, for causal LMs only (model.task)")
         check_compatibility(self)
         return self
 

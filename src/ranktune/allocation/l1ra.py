@@ -11,7 +11,7 @@ every other component keeps its optimizer state.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,8 @@ class L1RAConfig(LoraConfig):
     gradient start is a `ranktune train` (YAML or Python `RunConfig`) setting.
     """
 
+    yaml_only: ClassVar[frozenset[str]] = frozenset({"start"})  # settings the drop-in trainers do not take
+
     l1ra_lambda: float = _DEFAULTS["l1ra_lambda"]
     eta_c: float = _DEFAULTS["eta_c"]
     rank_update_ratio: float = _DEFAULTS["rank_update_ratio"]
@@ -56,7 +58,7 @@ class L1RAConfig(LoraConfig):
 
     def settings(self) -> L1RASettings:
         """The L1RA knobs, validated as the YAML's are."""
-        knobs = set(L1RASettings.model_fields) - {"method", "start"}
+        knobs = set(L1RASettings.model_fields) - {"method"} - self.yaml_only
         return L1RASettings(**{name: getattr(self, name) for name in knobs})
 
     @property

@@ -113,18 +113,30 @@ def filled_layers(
 
 
 def _base_config(factors: AdapterFactors, base: str | Path | None) -> dict[str, Any]:
-    """The base model's config.json, read as JSON (no code runs): from `base` or base_model_name_or_path."""
-    folder = Path(base) if base else Path(str(factors.config.get("base_model_name_or_path") or ""))
-    path = folder / "config.json"
-    if not path.is_file():
-        given = f"'{base}'" if base else f"base_model_name_or_path ('{folder}')"
-        raise UserInputError(
-            f"the GGUF form needs the base model's config.json, and {given} has none: pass --base MODEL_DIR"
-        )
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserInputError(f"cannot read {path}: {error}") from None
+    """The base model's config: `base`'s or base_model_name_or_path's config.json read as JSON, or a hub id's from
+    the local cache (no download, no code run).
+
+    Raises:
+        UserInputError: no config found there.
+    """
+    name = str(base or factors.config.get("base_model_name_or_path") or "")
+    path = Path(name) / "config.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UserInputError(f"cannot read {path}: {error}") from None
+    if name and not Path(name).exists():
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(name, local_files_only=True).to_dict()
+        except (OSError, ValueError):
+            pass
+    given = f"'{base}'" if base else f"base_model_name_or_path ('{name}')"
+    raise UserInputError(
+        f"the GGUF form needs the base model's config.json, and {given} has none: pass --base MODEL_DIR"
+    )
 
 
 def _check_out(adapter_dir: Path, out: Path, form: Form) -> None:
@@ -211,3 +223,46 @@ def _write_gguf(
         os.replace(staging, out)
     finally:
         Path(staging).unlink(missing_ok=True)
+
+
+SERVING_FOLDER = "serving"
+
+
+def check_gguf_base(architectures: list[str] | None) -> None:
+    """Refuses, before training, a base model whose GGUF layout the gguf form does not know.
+
+    Raises:
+        UserInputError: naming the architecture and the alternative.
+    """
+    from ranktune.serving.gguf_form import ARCHITECTURES
+
+    architecture = (architectures or ["?"])[0]
+    if architecture not in ARCHITECTURES:
+        raise UserInputError(
+            f"export.formats: gguf knows the {', '.join(sorted(ARCHITECTURES))} layout, and the base model is "
+            f"{architecture}; export the uniform form and convert it with llama.cpp's convert_lora_to_gguf.py"
+        )
+
+
+def write_serving_forms(output_dir: Path, forms: list[Form], max_rank: int | None) -> list[ExportResult]:
+    """The serving forms of the adapter just written in output_dir, in output_dir/serving (peft/, uniform/,
+    adapter.gguf), replacing an earlier run's in one step; with no forms, an earlier run's are removed (they
+    belonged to another adapter)."""
+    target = output_dir / SERVING_FOLDER
+    doomed = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}serving-old-", dir=output_dir))
+    results = []
+    try:
+        if forms:
+            with staged_folder(doomed / "new", f"{STAGING_PREFIX}serving-") as staging:
+                for form in dict.fromkeys(forms):
+                    out = staging / ("adapter.gguf" if form == "gguf" else form)
+                    results.append(export_adapter(output_dir, out, form, max_rank))
+        if target.exists():
+            os.replace(target, doomed / "old")
+        if forms:
+            os.replace(doomed / "new", target)
+    finally:
+        shutil.rmtree(doomed, ignore_errors=True)
+    for result in results:
+        result.path = target / result.path.name
+    return results

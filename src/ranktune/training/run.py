@@ -166,6 +166,10 @@ def _train_in(config: RunConfig, output_dir: Path, resume: bool, earlier: Earlie
     if resume:
         require_checkpoint(output_dir)  # which one is complete is decided once the Trainer knows its files
     run = prepare_run(config)
+    if "gguf" in config.export.formats:
+        from ranktune.serving.export import check_gguf_base
+
+        check_gguf_base(run.model.config.architectures)  # before training, not after it
     args = build_training_arguments(config, output_dir, has_validation="validation" in run.datasets)
     collator = build_collator(run.tokenizer, config.model.task, packing=config.data.packing)
     adapted = build_model_and_adapter(config, run, args, collator, output_dir)
@@ -350,4 +354,11 @@ def export_adapter(
         initial_adapter=session.adapted.initial_adapter,
     )
     _log(f"adapter saved to {output_dir}")
+    from ranktune.serving.export import write_serving_forms
+
+    for result in write_serving_forms(output_dir, config.export.formats, config.export.max_rank):
+        serving = result.vllm_max_lora_rank
+        _log(f"{result.form} form: {result.path} (largest rank {result.largest_rank}; vLLM --max-lora-rank {serving})")
+        for warning in result.warnings:
+            _log(f"{result.form} form: {warning}")
     return info
