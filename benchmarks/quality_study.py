@@ -183,8 +183,11 @@ def methods(l1ra: bool = True) -> tuple[Method, ...]:
             "gradient-step-r8",
             "gradient ranks, one-step start at r 8",
             8,
-            {"lora": _lora(8), "allocation": {"method": "gradient", "rho": 2.0, "batches": 8, "init": "step"}},
-            note="the gradient's ranks and A, and B set so the adapter starts as 10 Adam-sized steps down the gradient",
+            {
+                "lora": _lora(8),
+                "allocation": {"method": "gradient", "rho": 2.0, "batches": 8, "init": "step", "init_steps": 10.0},
+            },
+            note="the gradient's ranks and A, and B where 10 Adam steps down its gradient would take it",
         ),
         Method(
             "eva-r8",

@@ -107,21 +107,22 @@ def test_rho_one_keeps_uniform_ranks_and_init_lora_keeps_peft_init(tmp_path):
 
 
 def test_step_init_starts_the_adapter_as_a_sized_step_down_the_gradient(tmp_path):
-    """scale · B · A = -γ G_k, G_k the best rank-k approximation of the hand gradient (k the module's rank), with the
-    RMS entry of the start equal to init_steps × learning rate."""
+    """scale · B · A = -γ G_k for some γ > 0, G_k the best rank-k approximation of the hand gradient (k the
+    module's rank), with B's RMS entry init_steps × learning rate."""
     model_dir, config, batches = gradient_run(tmp_path, rho=2.0, init="step", init_steps=5.0)
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     model = attach_gradient_lora(base, config, config.allocation, batches, learning_rate=1e-3)
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
         layer = lora_layers(model)[name]
         lora_a, lora_b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+        assert lora_b.pow(2).mean().sqrt().item() == pytest.approx(5e-3, rel=1e-4)
         start = layer.scaling["default"] * lora_b @ lora_a  # (out, in)
         u, sigma, vt = torch.linalg.svd(hand_gradient(model_dir, batches, name), full_matrices=False)
         k = lora_a.shape[0]
         best = u[:, :k] * sigma[:k] @ vt[:k]  # G_k
-        gamma = 5e-3 / best.pow(2).mean().sqrt()
+        gamma = -(start * best).sum() / best.pow(2).sum()  # the least-squares γ of start ≈ -γ G_k
+        assert gamma > 0
         torch.testing.assert_close(start, -gamma * best, rtol=1e-4, atol=1e-7)
-        assert start.pow(2).mean().sqrt().item() == pytest.approx(5e-3, rel=1e-4)
     with pytest.raises(ValueError, match="pass learning_rate"):
         attach_gradient_lora(AutoModelForCausalLM.from_pretrained(model_dir), config, config.allocation, batches)
 

@@ -104,7 +104,7 @@ def attach_gradient_lora(
 ) -> PeftModel:
     """LoRA on the `lora` section's targets at the ranks the gradient gives, each module keeping the scale
     alpha / r of the section, A from the gradient (`init: gradient` or `step`) or PEFT's default, B = 0 but with
-    `init: step` (then B starts the adapter at -γ G_k, γ from `learning_rate` and `init_steps`).
+    `init: step` (then B starts as `init_steps` Adam-sized steps down B's own gradient, sized by `learning_rate`).
 
     Raises:
         UserInputError: a quantized base (its weights have no gradient to take).
@@ -154,20 +154,19 @@ def attach_gradient_lora(
             lora_a.copy_(directions[name][:rank] * DEFAULT_ROW_NORM)
             if settings.init == "step":
                 lora_b = layer.lora_B[adapter].weight  # (out, k)
-                size = learning_rate * settings.init_steps
-                lora_b.copy_(_step_start(outputs[name][:, :rank], lora_a.shape[1], size, scale))
+                lora_b.copy_(_step_start(outputs[name][:, :rank], learning_rate * settings.init_steps))
     return peft_model
 
 
-def _step_start(left: torch.Tensor, in_features: int, size: float, scale: float) -> torch.Tensor:
-    """B such that scale · B · A = -γ G_k for A = V_kᵀ / √3, G_k = U_k Σ_k V_kᵀ (`left` = U_k Σ_k: (out, k)), and γ
-    making the RMS entry of γ G_k equal to `size`. G_k's Frobenius norm is U_k Σ_k's (V_kᵀ has orthonormal rows), so
-    its RMS entry is ‖U_k Σ_k‖ / √(out · in). A zero gradient gives B = 0."""
-    norm = float(left.norm())
-    if norm == 0.0:
+def _step_start(left: torch.Tensor, size: float) -> torch.Tensor:
+    """B after `size` / lr Adam-like steps of size lr down B's gradient, taken at once: with A = V_kᵀ / √3, B's
+    gradient scale · G · Aᵀ is proportional to U_k Σ_k (`left`, (out, k)), and an Adam step moves each entry by about
+    the learning rate, so B = -U_k Σ_k scaled to an RMS entry of `size`. Then scale · B · A = -γ G_k for some γ > 0,
+    G_k the best rank-k approximation of G. A zero gradient gives B = 0."""
+    rms = float(left.pow(2).mean().sqrt())
+    if rms == 0.0:
         return torch.zeros_like(left)
-    gamma = size * math.sqrt(left.shape[0] * in_features) / norm
-    return left * (-gamma / (scale * DEFAULT_ROW_NORM))  # (out, k)
+    return left * (-size / rms)  # (out, k)
 
 
 def build_gradient_lora(

@@ -7,8 +7,8 @@ parameter budget (r on every target) is spent, each module between 1 and rho · 
 starts as the top right singular vectors of G (B = 0), so the first steps move along the gradient's main directions;
 the base weights are left untouched and the adapter exports as plain LoRA on the original base. `init: step` also
 sets B, so that the adapter starts as a step down the gradient's top directions (as GoRA's and LoRA-One's inits do):
-B·A·scale = -γ G_k with γ chosen so that the start's RMS entry is `init_steps` × the learning rate, the size of that
-many full fine-tuning steps of Adam. `rho` 1 keeps uniform ranks (the init alone); `init: lora` keeps PEFT's default
+B·A·scale = -γ G_k, with B where `init_steps` Adam steps down its own gradient would take it (RMS entry
+`init_steps` × the learning rate). `rho` 1 keeps uniform ranks (the init alone); `init: lora` keeps PEFT's default
 init (the allocation alone).
 """
 
@@ -36,8 +36,8 @@ class GradientSettings(MethodSettings):
     """How many batches the gradient is averaged over, how far a module's rank may rise, and how A and B start.
 
     `rho`: a module's rank is at most rho · lora.r (1: uniform ranks). `init`: `gradient` (A from the gradient's top
-    right singular vectors, at the row norm of PEFT's default init, B = 0), `step` (that A, and B such that the
-    adapter starts as `init_steps` Adam-sized steps down the gradient's top directions) or `lora` (PEFT's default).
+    right singular vectors, at the row norm of PEFT's default init, B = 0), `step` (that A, and B as if
+    `init_steps` Adam steps down its gradient had been taken at once) or `lora` (PEFT's default).
     `batches` batches of the global training batch size (per device x processes) are drawn from the start of the
     training data; under DDP they are shared out whole among the processes and their gradients summed, so every
     process takes the same decision, the one a single process would take.
