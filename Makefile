@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ranktune-installed
 
-.PHONY: setup demo test lint quality clean
+.PHONY: setup demo test lint quality test-engines clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ test: setup
 # The quality study (hours on a CPU; resumable: finished runs are recorded in docs/data/quality/records.jsonl).
 quality: setup
 	$(BIN)/python -m benchmarks.quality --profile $(or $(PROFILE),cpu)
+
+# Real inference engines (llama.cpp, vLLM), each in its own environment under ~/.cache/ranktune/engines (built once:
+# about 15 minutes on 2 cores); writes docs/engines.md and fails unless every recommended form serves correctly.
+test-engines: setup
+	$(BIN)/python -m benchmarks.engines --check
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -1,7 +1,8 @@
 """ranktune: LoRA fine-tuning that learns where rank belongs, with adapters in vanilla PEFT format.
 
 The Python API mirrors the command line: `load_config` reads a run config, `train` runs it, `load_adapter` loads
-a trained adapter (shortcut connections included) onto its base model.
+a trained adapter (shortcut connections included) onto its base model, `export_adapter` writes an adapter in a
+serving form (peft, uniform, gguf).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     from ranktune.adapters.loading import load_adapter
     from ranktune.allocation.l1ra import L1RAConfig
     from ranktune.config import RunConfig, load_config
+    from ranktune.serving.export import export_adapter
     from ranktune.trainers import L1RASFTTrainer, L1RATrainer
     from ranktune.training import TrainResult, train
 
@@ -24,6 +26,7 @@ _LAZY = {
     "RunConfig": "ranktune.config",
     "load_config": "ranktune.config",
     "load_adapter": "ranktune.adapters.loading",
+    "export_adapter": "ranktune.serving.export",
     "TrainResult": "ranktune.training",
     "train": "ranktune.training",
 }
@@ -35,6 +38,7 @@ __all__ = [
     "RunConfig",
     "TrainResult",
     "__version__",
+    "export_adapter",
     "load_adapter",
     "load_config",
     "train",

@@ -13,17 +13,21 @@ from tests.conftest import save_tiny_model
 INPUT_IDS = torch.tensor([[9, 20, 31, 42, 53, 64, 75, 86], [12, 14, 16, 18, 20, 22, 24, 26]])
 
 
-def heterogeneous_adapter(folder: Path, rslora: bool = False, skip_layer_1_down: bool = False) -> tuple[Path, Path]:
+def heterogeneous_adapter(
+    folder: Path, rslora: bool = False, skip_layer_1_down: bool = False, rank_pattern: dict[str, int] | None = None
+) -> tuple[Path, Path]:
     """(base model folder, adapter folder): tiny llama, LoRA on q, k, v, down with ranks 2-6 and scales 0.5-3 set
     through suffix and exact keys of rank_pattern and alpha_pattern, random B so the adapter does something."""
-    model_dir = save_tiny_model(folder / "base", "llama")
+    model_dir = folder / "base"
+    if not (model_dir / "config.json").is_file():
+        save_tiny_model(model_dir, "llama")
     targets = ["q_proj", "k_proj", "v_proj", "down_proj"]
     config = LoraConfig(
         r=4,
         lora_alpha=8,
         target_modules=targets,
         exclude_modules=["model.layers.1.mlp.down_proj"] if skip_layer_1_down else None,
-        rank_pattern={"q_proj": 2, "model.layers.0.mlp.down_proj": 6},
+        rank_pattern=rank_pattern or {"q_proj": 2, "model.layers.0.mlp.down_proj": 6},
         alpha_pattern={"v_proj": 2.0, "model.layers.0.mlp.down_proj": 18.0},
         use_rslora=rslora,
     )
@@ -33,7 +37,8 @@ def heterogeneous_adapter(folder: Path, rslora: bool = False, skip_layer_1_down:
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.3)
-    adapter_dir = folder / "adapter"
+    suffix = "" if rank_pattern is None else "-" + "-".join(map(str, rank_pattern.values()))
+    adapter_dir = folder / f"adapter{suffix}"
     model.save_pretrained(adapter_dir)
     return model_dir, adapter_dir
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from ranktune.errors import RuntimeFailure, UserInputError
 from ranktune.serving.export import check_canonical, export_adapter
 from ranktune.serving.factors import module_scale, read_factors
-from tests.serving.helpers import heterogeneous_adapter, logits
+from tests.serving.helpers import INPUT_IDS, heterogeneous_adapter, logits
 
 
 def test_scales_follow_peft_first_match_rule():
@@ -103,3 +103,32 @@ def test_nothing_is_written_over_an_existing_folder_or_for_a_dora_adapter(tmp_pa
     with pytest.raises(UserInputError, match="DoRA"):
         export_adapter(adapter, tmp_path / "dora", "peft")
     assert not (tmp_path / "dora").exists()
+
+
+def test_peft_linear_merge_takes_uniform_forms_of_different_adapters_and_not_their_own_ranks(tmp_path):
+    """PEFT's add_weighted_adapter 'linear' mode checks only the global r, then adds A and B module by module: two
+    adapters with the same largest rank but other per-module ranks fail in their canonical form and merge in the
+    uniform one. 'linear' scales A and B by √weight each and sums them, so one adapter's uniform form twice, at
+    weights 1/4 and 1/4, gives that adapter again."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir, first = heterogeneous_adapter(tmp_path)
+    _, second = heterogeneous_adapter(tmp_path, rank_pattern={"k_proj": 2, "model.layers.1.mlp.down_proj": 6})
+    for adapter in (first, second):
+        for form in ("peft", "uniform"):
+            export_adapter(adapter, tmp_path / f"{adapter.name}-{form}", form)
+
+    def merged(form: str, names: tuple[str, str]):
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = PeftModel.from_pretrained(model, tmp_path / f"{names[0]}-{form}", "a")
+        model.load_adapter(tmp_path / f"{names[1]}-{form}", "b")
+        model.add_weighted_adapter(["a", "b"], [0.25, 0.25], "mean", combination_type="linear")
+        model.set_adapter("mean")
+        with torch.no_grad():
+            return model.eval()(input_ids=INPUT_IDS).logits
+
+    torch.testing.assert_close(merged("uniform", (first.name, first.name)), logits(model_dir, first), rtol=0, atol=1e-5)
+    assert merged("uniform", (first.name, second.name)).isfinite().all()
+    with pytest.raises(RuntimeError, match="size"):
+        merged("peft", (first.name, second.name))
