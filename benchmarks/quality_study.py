@@ -146,6 +146,10 @@ def _lora(r: int) -> dict[str, Any]:
     return {"r": r, "alpha": float(2 * r), "dropout": 0.05, "target_modules": "all-linear"}
 
 
+# L1RA's settings in the study: gates strong enough to prune within a few hundred steps, the budget in parameters.
+L1RA_SETTINGS = {"method": "l1ra", "l1ra_lambda": 0.3, "eta_c": 0.05, "rank_update_ratio": 0.1, "budget": "params"}
+
+
 def methods(l1ra: bool = True) -> tuple[Method, ...]:
     """LoRA's curve, then the data-driven methods at the r 8 budget (the gradient method also at r 2), its two
     ablations, and the methods that move ranks during training (L1RA alone only with `l1ra`; L1RA started from the
@@ -200,16 +204,7 @@ def methods(l1ra: bool = True) -> tuple[Method, ...]:
             "l1ra-r8",
             "L1RA at r 8 (budget: parameters)",
             8,
-            {
-                "lora": _lora(8),
-                "allocation": {
-                    "method": "l1ra",
-                    "l1ra_lambda": 0.3,
-                    "eta_c": 0.05,
-                    "rank_update_ratio": 0.1,
-                    "budget": "params",
-                },
-            },
+            {"lora": _lora(8), "allocation": L1RA_SETTINGS},
             note="L1 gates prune rank components during training and hand them to other modules",
         ),
         Method(
@@ -218,14 +213,7 @@ def methods(l1ra: bool = True) -> tuple[Method, ...]:
             8,
             {
                 "lora": _lora(8),
-                "allocation": {
-                    "method": "l1ra",
-                    "l1ra_lambda": 0.3,
-                    "eta_c": 0.05,
-                    "rank_update_ratio": 0.1,
-                    "budget": "params",
-                    "start": {"method": "gradient", "rho": 2.0, "batches": 8},
-                },
+                "allocation": {**L1RA_SETTINGS, "start": {"method": "gradient", "rho": 2.0, "batches": 8}},
             },
             note="the gradient method's ranks and A at step 0, then L1RA's gates move ranks during training",
         ),
