@@ -227,9 +227,25 @@ def _worker(environment: Environment, script: str, request: dict, scratch: Path,
         return {key: data[key] for key in data.files}
 
 
+def converter_base(base: Path, scratch: Path) -> Path:
+    """The base model folder as the converter's transformers 4 reads it: the same files (linked), with the tokenizer
+    class transformers 5 writes (`TokenizersBackend`, unknown to 4.x) named as the fast tokenizer it is."""
+    folder = scratch / "base-for-converter"
+    folder.mkdir(exist_ok=True)
+    for path in base.iterdir():
+        if path.name != "tokenizer_config.json" and not (folder / path.name).exists():
+            (folder / path.name).symlink_to(path)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
 def measure_llama_cpp(base: Path, forms: dict[str, Path], prompts, references, scratch: Path) -> list[Row]:
     """llama.cpp with our GGUF, and with its own converter's output for the peft and uniform forms."""
     sources = llama_cpp_sources()
+    base = converter_base(base, scratch)
     converter_env = {"NO_LOCAL_GGUF": "", "PYTHONPATH": str(sources / "gguf-py")}
     base_gguf = scratch / "base-f32.gguf"
     if not base_gguf.is_file():
