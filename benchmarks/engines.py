@@ -151,6 +151,7 @@ def make_adapter(base: Path, folder: Path) -> Path:
     generator = torch.Generator().manual_seed(0)
     ranks = {name: int(torch.randint(2, 17, (1,), generator=generator)) for name in names}
     config = LoraConfig(r=8, lora_alpha=16, target_modules=names, rank_pattern=ranks, task_type="CAUSAL_LM")
+    torch.manual_seed(0)  # PEFT draws A from torch's global generator
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
