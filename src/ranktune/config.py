@@ -269,6 +269,10 @@ class RunConfig(_Section):
             raise ValueError(f"lora.plan sets every module itself; remove lora.{per_module[0]} or the plan")
         if "gguf" in self.export.formats and self.model.task != "causal_lm":
             raise ValueError("export.formats: gguf is a llama.cpp adapter, for causal LMs only (model.task)")
+        if "gguf" in self.export.formats and self.lora.modules_to_save:
+            raise ValueError("export.formats: gguf holds LoRA factors only; lora.modules_to_save trains whole modules")
+        if self.export.max_rank is not None and not self.export.formats:
+            raise ValueError("export.max_rank caps the forms in export.formats, and none is given")
         check_compatibility(self)
         return self
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -40,6 +41,8 @@ def heterogeneous_adapter(
     suffix = "" if rank_pattern is None else "-" + "-".join(map(str, rank_pattern.values()))
     adapter_dir = folder / f"adapter{suffix}"
     model.save_pretrained(adapter_dir)
+    for tokenizer_file in model_dir.glob("tokenizer*"):  # as `ranktune train` saves the tokenizer beside the adapter
+        shutil.copyfile(tokenizer_file, adapter_dir / tokenizer_file.name)
     return model_dir, adapter_dir
 
 

@@ -61,7 +61,7 @@ def test_export_loads_in_vanilla_peft_with_the_same_logits(tmp_path, form, rslor
     else:
         assert config["rank_pattern"] == config["alpha_pattern"] == read_factors(adapter).ranks
     assert json.loads((out / "export.json").read_text())["vllm_max_lora_rank"] == 8
-    assert (out / "tokenizer_config.json").is_file() or not (adapter / "tokenizer_config.json").is_file()
+    assert (out / "tokenizer_config.json").read_bytes() == (adapter / "tokenizer_config.json").read_bytes()
 
 
 def test_uniform_form_gives_every_layer_every_module_type(tmp_path):
@@ -132,3 +132,18 @@ def test_peft_linear_merge_takes_uniform_forms_of_different_adapters_and_not_the
     assert merged("uniform", (first.name, second.name)).isfinite().all()
     with pytest.raises(RuntimeError, match="size"):
         merged("peft", (first.name, second.name))
+
+
+@pytest.mark.parametrize("form", ["uniform", "gguf"])
+def test_a_write_that_fails_half_way_leaves_nothing(tmp_path, monkeypatch, form):
+    _, adapter = heterogeneous_adapter(tmp_path)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    target = "ranktune.serving.gguf_form.write_gguf" if form == "gguf" else "ranktune.serving.export.save_file"
+    monkeypatch.setattr(target, full_disk)
+    out = tmp_path / ("a.gguf" if form == "gguf" else "served")
+    with pytest.raises(UserInputError, match=r"cannot write .*No space left on device"):
+        export_adapter(adapter, out, form, base=tmp_path / "base")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]  # no output, no staging left

@@ -40,3 +40,23 @@ def test_gguf_is_refused_before_training_for_an_unknown_layout_and_for_a_classif
     config["model"]["task"] = "classification"
     with pytest.raises(UserInputError, match=r"gguf is a llama\.cpp adapter, for causal LMs only"):
         validate_config(config)
+
+
+def test_a_serving_form_that_fails_after_training_keeps_the_finished_run(tmp_path, monkeypatch):
+    """The adapter is written before the forms: a form that cannot be made is logged, and the run, its adapter and
+    its logs stay; an earlier run's forms are gone (they belonged to the earlier adapter)."""
+    from ranktune.serving import export
+
+    model_dir = save_tiny_model(tmp_path / "llama", "llama")
+    config = text_config(model_dir, tmp_path, max_steps=2)
+    config["export"] = {"formats": ["uniform"]}
+    out = train(validate_config(config)).output_dir
+    assert (out / "serving" / "uniform").is_dir()
+
+    def refuse(*args, **kwargs):
+        raise UserInputError("no room for the uniform form")
+
+    monkeypatch.setattr(export, "export_adapter", refuse)
+    result = train(validate_config(config), overwrite=True)
+    assert result.info and (out / "adapter_config.json").is_file() and (out / "metrics.jsonl").is_file()
+    assert not (out / "serving").exists() and not (out / ".previous-run").exists()

@@ -175,14 +175,20 @@ def export_adapter(
     if max_rank is not None:
         modules, truncation = cap_ranks(modules, max_rank)
     ranks = {name: int(a.shape[0]) for name, (a, _) in modules.items()}
-    result = ExportResult(out, form, ranks, truncation, engine_warnings(form, ranks, bool(factors.other)))
+    # The warnings are about what the written form holds: the uniform form has every layer filled, at one rank.
+    served = dict.fromkeys(filled_layers(modules, 1), max(ranks.values())) if form == "uniform" else ranks
+    result = ExportResult(out, form, ranks, truncation, engine_warnings(form, served, bool(factors.other)))
     if (adapter_dir / SHORTCUTS_CONFIG).is_file():
         result.warnings.append(
             f"the adapter's shortcut connections ({SHORTCUTS_CONFIG}) are in no serving form: engines apply its "
             "LoRA modules only (`ranktune eval` / `generate` run the whole adapter)"
         )
     if form == "gguf":
-        _write_gguf(factors, modules, out, _base_config(factors, base))
+        base_config = _base_config(factors, base)
+        try:
+            _write_gguf(factors, modules, out, base_config)
+        except OSError as error:
+            raise UserInputError(f"cannot write '{out}': {error.strerror or error}") from None
         return result
     if form == "uniform":
         top = max(ranks.values())
@@ -192,6 +198,21 @@ def export_adapter(
     else:
         config = canonical_config(factors.config, ranks)
     check_canonical(config, {name: int(a.shape[0]) for name, (a, _) in modules.items()})
+    try:
+        _write_peft(factors, modules, config, result, out)
+    except OSError as error:
+        raise UserInputError(f"cannot write '{out}': {error.strerror or error}") from None
+    return result
+
+
+def _write_peft(
+    factors: AdapterFactors,
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    config: dict[str, Any],
+    result: ExportResult,
+    out: Path,
+) -> None:
+    adapter_dir = factors.folder
     with staged_folder(out, f"{STAGING_PREFIX}export-") as staging:
         save_file(peft_tensors(modules, factors.other, factors.dtype), str(staging / ADAPTER_WEIGHTS),
                   metadata={"format": "pt"})  # fmt: skip
@@ -200,7 +221,6 @@ def export_adapter(
                 shutil.copyfile(adapter_dir / name, staging / name)
         (staging / EXPORT_INFO).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
         (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return result
 
 
 def _write_gguf(
@@ -220,6 +240,7 @@ def _write_gguf(
     os.close(handle)
     try:
         write_gguf(Path(staging), tensors, base)
+        os.chmod(staging, 0o644)  # mkstemp makes it private; a server running as another user reads it
         os.replace(staging, out)
     finally:
         Path(staging).unlink(missing_ok=True)
@@ -246,20 +267,23 @@ def check_gguf_base(architectures: list[str] | None) -> None:
 
 def write_serving_forms(output_dir: Path, forms: list[Form], max_rank: int | None) -> list[ExportResult]:
     """The serving forms of the adapter just written in output_dir, in output_dir/serving (peft/, uniform/,
-    adapter.gguf), replacing an earlier run's in one step; with no forms, an earlier run's are removed (they
-    belonged to another adapter)."""
+    adapter.gguf). An earlier run's forms are removed first, whatever happens next: they belonged to another
+    adapter. The new ones are staged and moved in together.
+
+    Raises:
+        UserInputError: a form could not be written (nothing is left at output_dir/serving then).
+    """
     target = output_dir / SERVING_FOLDER
     doomed = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}serving-old-", dir=output_dir))
     results = []
     try:
+        if target.exists():
+            os.replace(target, doomed / "old")
         if forms:
             with staged_folder(doomed / "new", f"{STAGING_PREFIX}serving-") as staging:
                 for form in dict.fromkeys(forms):
                     out = staging / ("adapter.gguf" if form == "gguf" else form)
                     results.append(export_adapter(output_dir, out, form, max_rank))
-        if target.exists():
-            os.replace(target, doomed / "old")
-        if forms:
             os.replace(doomed / "new", target)
     finally:
         shutil.rmtree(doomed, ignore_errors=True)

@@ -1,8 +1,9 @@
 """An adapter folder read as per-module factors (A, B) whose product is the module's whole update ΔW = B · A.
 
 PEFT applies each module's scale (alpha_m / r_m, or alpha_m / √r_m with rsLoRA) at run time, choosing r_m and
-alpha_m by its first-match rule over `rank_pattern` / `alpha_pattern`. Here the scale is folded into B once, so
-every form written from these factors applies exactly the same update whatever scale rule its reader follows.
+alpha_m by its first-match rule over `rank_pattern` / `alpha_pattern`. Here the scale is folded into B once (in
+float32), so every form written from these factors applies the same update whatever scale rule its reader follows:
+exactly for a float32 adapter, to the dtype's rounding of B · scale for a bf16 or fp16 one (written back in it).
 """
 
 from __future__ import annotations
@@ -94,17 +95,18 @@ def read_factors(adapter_dir: str | Path) -> AdapterFactors:
     if not parts:
         raise UserInputError(f"{folder / ADAPTER_WEIGHTS}: no lora_A / lora_B tensors")
     modules = {}
-    dtype = next(iter(parts.values()))["A"].dtype
     for name, pair in parts.items():
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
             raise UserInputError(f"{folder / ADAPTER_WEIGHTS}: module '{name}' has no {missing}.weight")
+    dtype = next(iter(parts.values()))["A"].dtype
+    for name, pair in parts.items():
         lora_a, lora_b = pair["A"].float(), pair["B"].float()  # (k, in), (out, k)
         rank, scale = module_scale(config, name)
         if lora_a.shape[0] != rank or lora_b.shape[1] != rank:
             raise UserInputError(
                 f"{where}: module '{name}' has rank {rank} by the config but its tensors have rank "
-                f"{lora_a.shape[0]}; PEFT would not load this adapter either"
+                f"{lora_a.shape[0]} (lora_A) and {lora_b.shape[1]} (lora_B); PEFT would not load this adapter either"
             )
         modules[name] = (lora_a.contiguous(), (lora_b * scale).contiguous())
     return AdapterFactors(folder, config, modules, other, dtype)

@@ -356,7 +356,12 @@ def export_adapter(
     _log(f"adapter saved to {output_dir}")
     from ranktune.serving.export import write_serving_forms
 
-    for result in write_serving_forms(output_dir, config.export.formats, config.export.max_rank):
+    try:  # the run is finished and its adapter written: a serving form that cannot be made must not undo that
+        results = write_serving_forms(output_dir, config.export.formats, config.export.max_rank)
+    except RanktuneError as error:
+        _log(f"serving forms not written ({error}); make them with `ranktune export {output_dir} ...`")
+        results = []
+    for result in results:
         serving = result.vllm_max_lora_rank
         _log(f"{result.form} form: {result.path} (largest rank {result.largest_rank}; vLLM --max-lora-rank {serving})")
         for warning in result.warnings:
