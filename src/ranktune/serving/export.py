@@ -175,9 +175,12 @@ def export_adapter(
     if max_rank is not None:
         modules, truncation = cap_ranks(modules, max_rank)
     ranks = {name: int(a.shape[0]) for name, (a, _) in modules.items()}
-    # The warnings are about what the written form holds: the uniform form has every layer filled, at one rank.
-    served = dict.fromkeys(filled_layers(modules, 1), max(ranks.values())) if form == "uniform" else ranks
-    result = ExportResult(out, form, ranks, truncation, engine_warnings(form, served, bool(factors.other)))
+    if form == "uniform":  # every module at the largest rank, every layer given every module type
+        top = max(ranks.values())
+        modules = filled_layers(padded(modules, top), top)
+        ranks = dict.fromkeys(modules, top)
+    # The warnings are about what the written form holds.
+    result = ExportResult(out, form, ranks, truncation, engine_warnings(form, ranks, bool(factors.other)))
     if (adapter_dir / SHORTCUTS_CONFIG).is_file():
         result.warnings.append(
             f"the adapter's shortcut connections ({SHORTCUTS_CONFIG}) are in no serving form: engines apply its "
@@ -191,13 +194,10 @@ def export_adapter(
             raise UserInputError(f"cannot write '{out}': {error.strerror or error}") from None
         return result
     if form == "uniform":
-        top = max(ranks.values())
-        modules = filled_layers(padded(modules, top), top)
-        config = uniform_config(factors.config, list(modules), top)
-        result.ranks = dict.fromkeys(modules, top)
+        config = uniform_config(factors.config, list(modules), max(ranks.values()))
     else:
         config = canonical_config(factors.config, ranks)
-    check_canonical(config, {name: int(a.shape[0]) for name, (a, _) in modules.items()})
+    check_canonical(config, ranks)
     try:
         _write_peft(factors, modules, config, result, out)
     except OSError as error:
