@@ -424,6 +424,11 @@ def _accepts_str_not_bool(annotation: Any) -> bool:
     return str in members and bool not in members
 
 
+# Fields whose type hint is narrower than what TrainingArguments accepts: transformers 5 hints `fsdp: str | None` for
+# its command-line parser but documents and takes `fsdp=True` (the string form is the legacy one).
+_TRAINING_TYPES: dict[str, tuple[type, ...]] = {"fsdp": (bool, str)}
+
+
 def check_training_arguments(values: dict[str, Any]) -> dict[str, Any]:
     """Checks `training` keys against `TrainingArguments`: names, and types where the field's type is simple.
 
@@ -447,7 +452,7 @@ def check_training_arguments(values: dict[str, Any]) -> dict[str, Any]:
         annotation = hints.get(key, fields[key].type)
         if value is False and _accepts_str_not_bool(annotation):
             value = "no"
-        allowed = _simple_types(annotation)
+        allowed = _TRAINING_TYPES.get(key) or _simple_types(annotation)
         if value is not None and allowed:
             value = _coerce_number(value, allowed)
             if not _type_matches(value, allowed):

@@ -24,6 +24,7 @@ from ranktune.allocation.l1ra import L1RAConfig, L1RAStrategy
 from ranktune.export import write_adapter
 from ranktune.training.checkpoints import CheckpointFilesFirst
 from ranktune.training.reproducible import ReproducibleEpochs
+from ranktune.training.sharding import WholeAdapterUnderFSDP
 
 
 def _attach_l1ra(trainer: Trainer, config: L1RAConfig) -> AllocationCallback:
@@ -42,7 +43,7 @@ def _export(trainer: Trainer, output_dir: str | None) -> None:
         write_adapter(trainer.model, trainer.processing_class, output_dir or trainer.args.output_dir, factors)
 
 
-class L1RATrainer(CheckpointFilesFirst, ReproducibleEpochs, Trainer):
+class L1RATrainer(WholeAdapterUnderFSDP, CheckpointFilesFirst, ReproducibleEpochs, Trainer):
     """transformers.Trainer with L1RA: `L1RATrainer(model=..., args=..., peft_config=L1RAConfig(...), ...)`."""
 
     def __init__(self, model: Any = None, *args: Any, peft_config: L1RAConfig, **kwargs: Any) -> None:
@@ -57,7 +58,7 @@ class L1RATrainer(CheckpointFilesFirst, ReproducibleEpochs, Trainer):
         return _export(self, output_dir)
 
 
-class L1RASFTTrainer(CheckpointFilesFirst, ReproducibleEpochs, SFTTrainer):
+class L1RASFTTrainer(WholeAdapterUnderFSDP, CheckpointFilesFirst, ReproducibleEpochs, SFTTrainer):
     """trl.SFTTrainer with L1RA: `L1RASFTTrainer(model=..., args=SFTConfig(...), peft_config=L1RAConfig(...))`."""
 
     def __init__(self, model: Any = None, *args: Any, peft_config: L1RAConfig, **kwargs: Any) -> None:

@@ -377,6 +377,27 @@ CASES: list[Case] = [
         ("invalid 'training' section", "warmup_steps"),
         after=_output_dir_untouched,
     ),
+    Case(
+        "FSDP1",
+        lambda ws: ["train", ws.config(), "training.fsdp=true", "training.fsdp_config={fsdp_version: 1}"],
+        2,
+        ("fsdp_version 1 (FSDP1) is not supported", "fsdp_version: 2"),
+        after=_output_dir_untouched,
+    ),
+    Case(
+        "DeepSpeed",
+        lambda ws: ["train", ws.config(), "training.deepspeed=ds_config.json"],
+        2,
+        ("training.deepspeed: DeepSpeed is not supported", "training.fsdp: true"),
+        after=_output_dir_untouched,
+    ),
+    Case(
+        "quantized base under FSDP",
+        lambda ws: ["train", ws.config(), "training.fsdp=true", "model.quantization=4bit"],
+        2,
+        ("model.quantization: '4bit' with training.fsdp is not supported",),
+        after=_output_dir_untouched,
+    ),
     # --- data files ---
     Case("missing data file", lambda ws: ["train", ws.config(train=ws.root / "none.jsonl")], 2, ("none.jsonl",)),
     Case("empty data file", lambda ws: ["train", ws.config(train=ws.file("empty.jsonl", ""))], 2, ("empty.jsonl",)),

@@ -70,10 +70,39 @@ def build_training_arguments(config: RunConfig, output_dir: Path, has_validation
             "training.use_cache: true with data.packing: the KV cache disables the per-example attention mask "
             "that keeps packed examples apart; drop use_cache or set data.packing: false"
         )
+    if values.get("deepspeed"):  # before TrainingArguments, which asks for the deepspeed package first
+        raise UserInputError(
+            "training.deepspeed: DeepSpeed is not supported by ranktune (ZeRO-3 partitions the adapter tensors that "
+            "allocation methods edit in place, and no DeepSpeed path is tested); shard with FSDP2 instead: "
+            "training.fsdp: true"
+        )
     try:
-        return TrainingArguments(output_dir=str(output_dir), **values)
+        args = TrainingArguments(output_dir=str(output_dir), **values)
     except (ValueError, TypeError, ImportError) as error:
         raise UserInputError(f"invalid 'training' section: {error}") from None
+    check_parallelism(config, args)
+    return args
+
+
+def check_parallelism(config: RunConfig, args: TrainingArguments) -> None:
+    """Refuses the FSDP setups ranktune does not run (`training/sharding.py` describes the one it does: FSDP2).
+
+    Raises:
+        UserInputError: FSDP1, or a quantized base under FSDP.
+    """
+    if not args.fsdp:
+        return
+    if args.fsdp_plugin_args["fsdp_version"] != 2:
+        raise UserInputError(
+            "training.fsdp_config: fsdp_version 1 (FSDP1) is not supported: it flattens parameters into shards, "
+            "while allocation methods edit rows of A, columns of B and gates in place; use FSDP2 "
+            "(fsdp_version: 2, transformers' default)"
+        )
+    if config.model.quantization != "none":
+        raise UserInputError(
+            f"model.quantization: '{config.model.quantization}' with training.fsdp is not supported yet (a quantized "
+            "base under FSDP2 is untested here); train the quantized model on one GPU or with DDP"
+        )
 
 
 def validate_training_arguments(config: RunConfig) -> None:

@@ -287,9 +287,11 @@ def build_trainer(
     test = run.datasets.get("test")
 
     def test_metrics() -> dict[str, Any] | None:
-        if test is None or not trainer.is_world_process_zero():
+        # A model sharded by FSDP runs a forward pass only with every process taking part: each scores the test set.
+        if test is None or not (trainer.is_world_process_zero() or trainer.is_fsdp_enabled):
             return None
-        return evaluate(adapted.model, test, collator, task, num_labels, args.per_device_eval_batch_size)
+        metrics = evaluate(adapted.model, test, collator, task, num_labels, args.per_device_eval_batch_size)
+        return metrics if trainer.is_world_process_zero() else None
 
     trainable = adapted.model.get_nb_trainable_parameters()[0]
     return TrainingSession(trainer, adapted, stopper, test_metrics, trainable, shortcuts)

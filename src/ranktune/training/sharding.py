@@ -1,0 +1,121 @@
+"""FSDP2 with a whole adapter: the frozen base model is sharded, every adapter tensor stays whole on each process.
+
+The base holds all but a fraction of a percent of the parameters, so sharding it is where FSDP saves memory. The
+adapter's tensors (LoRA's A and B, L1RA's gates and masks, AdaLoRA's singular values, shortcut connections, trained
+heads) are left out of FSDP (`ignored_params`) and stay plain tensors, identical on every process, exactly as under
+DDP: every allocation method reads and edits them (rows of A, columns of B, gates, optimizer state) with the same
+code as on one process, and every process takes the same decisions. Their gradients are averaged over processes at
+the end of each accumulation window, as DDP would. The cost: each process keeps a whole copy of the adapter and its
+optimizer state (LoRA r 16 on every linear layer of an 8B model: about 42M parameters, 0.7 GB in fp32 with Adam).
+
+FSDP1 flattens parameters and cannot leave out tensors a strategy edits in place; it is refused (see
+`training/arguments.py`). accelerate shards only on GPUs and other accelerators: on CPU it runs a `training.fsdp` run
+as DDP without saying so, which `ranktune train` reports.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+
+def adapter_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules that own an adapter tensor directly: a trainable parameter, or one named `lora_*` (L1RA's gate,
+    which starts frozen). FSDP leaves their parameters out of its shards."""
+    owners = []
+    for module in model.modules():
+        own = list(module.named_parameters(recurse=False))
+        if any(parameter.requires_grad or name.startswith("lora_") for name, parameter in own):
+            owners.append(module)
+    return owners
+
+
+class AverageReplicatedGradients(TrainerCallback):
+    """Keeps the whole (FSDP-ignored) adapter tensors identical on every process: broadcast from process 0 when
+    training starts, gradients averaged once per accumulation window (a hook on the last accumulated gradient)."""
+
+    def __init__(self, accelerator) -> None:
+        self.accelerator = accelerator
+        self.hooked: set[int] = set()
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
+                       **kwargs):  # fmt: skip
+        from torch.distributed.tensor import DTensor
+
+        if model is None or not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        for parameter in model.parameters():
+            if isinstance(parameter, DTensor) or not parameter.requires_grad:
+                continue
+            with torch.no_grad():
+                dist.broadcast(parameter.data, src=0)
+            if id(parameter) not in self.hooked:  # `train()` may run twice on one model
+                parameter.register_post_accumulate_grad_hook(self._average)
+                self.hooked.add(id(parameter))
+
+    def _average(self, parameter: torch.Tensor) -> None:
+        if self.accelerator.sync_gradients:  # the last micro-batch of the window: the sum is complete
+            dist.all_reduce(parameter.grad, op=dist.ReduceOp.AVG)
+
+
+def complete_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Gives every Adam / AdamW parameter without state (it never had a gradient: a module HeteroLoRA keeps switched
+    off) the state Adam would create at its first step: step 0, zero moments. torch.distributed.checkpoint, which
+    FSDP2 checkpoints go through, refuses to load an optimizer state that lacks a trainable parameter; Adam steps
+    from this state exactly as from none. Other optimizers are left as they are."""
+    while hasattr(optimizer, "optimizer"):  # accelerate's wrapper
+        optimizer = optimizer.optimizer
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        return
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            if not parameter.requires_grad or optimizer.state.get(parameter):
+                continue
+            state = {
+                "step": torch.tensor(0.0, dtype=torch.float32),
+                "exp_avg": torch.zeros_like(parameter, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(parameter, memory_format=torch.preserve_format),
+            }
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+            optimizer.state[parameter] = state
+
+
+class WholeAdapterUnderFSDP:
+    """Trainer mixin: under FSDP2 the adapter's modules are left out of the shards and its gradients averaged by
+    `AverageReplicatedGradients`. Put it before the Trainer class in the bases."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if not self.is_fsdp_enabled and self.args.fsdp and dist.is_initialized() and dist.get_rank() == 0:
+            print(
+                "[ranktune] training.fsdp: accelerate shards models on GPUs and other accelerators only; this CPU run "
+                "is plain data parallel (every process holds the whole model)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """Names the adapter's modules to FSDP now, once the model is complete (the drop-in trainers install their
+        gated modules after the Trainer's constructor); FSDP wraps the model when training starts."""
+        if self.is_fsdp_enabled:
+            plugin = self.accelerator.state.fsdp_plugin
+            ignored = plugin.ignored_modules or []
+            if isinstance(ignored, str):  # accelerate's pattern form, matched against module names as it does
+                ignored = [module for name, module in self.model.named_modules() if re.fullmatch(ignored, name)]
+            owners = adapter_modules(self.model)
+            plugin.ignored_modules = [*ignored, *(module for module in owners if module not in ignored)]
+            if not any(isinstance(c, AverageReplicatedGradients) for c in self.callback_handler.callbacks):
+                self.add_callback(AverageReplicatedGradients(self.accelerator))
+        return super().train(*args, **kwargs)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        if self.is_fsdp_enabled:
+            complete_adam_state(self.optimizer)
+        super()._save_checkpoint(model, trial)
