@@ -142,3 +142,24 @@ def test_an_interrupted_fsdp2_run_resumes_to_the_same_adapter(method, make_model
             shutil.copy(tmp_path / "whole" / name, interrupted / name)
     train(config, interrupted, *METHODS[method], *FSDP, *saving, "--resume", processes=2, port=port + 10)
     assert_same_adapter(tmp_path / "whole", interrupted, atol=0)
+
+
+def test_accelerate_launch_with_the_example_config_runs_fsdp2(make_model_dir, tmp_path):
+    """examples/accelerate_fsdp2.yaml (mixed precision off: this is a CPU) gives the FSDP2 run `training.fsdp`
+    gives, without any training.fsdp key."""
+    config = write_run(tmp_path, make_model_dir("llama"))
+    digests = tmp_path / "accelerate-digests"
+    digests.mkdir()
+    example = str(REPO / "examples" / "accelerate_fsdp2.yaml")
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", example,
+        "--mixed_precision", "no", "--main_process_port", "29660",
+    ]  # fmt: skip
+    overrides = [f"output_dir={tmp_path / 'accelerate'}", *METHODS["l1ra"]]
+    command = [*launch, str(LAUNCHER), str(digests), "train", str(config), *overrides]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0, rank1 = read_digests(digests, 0), read_digests(digests, 1)
+    assert rank0 == rank1 and rank0[0]["sharded"] > 0
+    train(config, tmp_path / "torchrun", *METHODS["l1ra"], *FSDP, processes=2, port=29661)
+    assert_same_adapter(tmp_path / "accelerate", tmp_path / "torchrun", atol=0)

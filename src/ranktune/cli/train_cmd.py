@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ranktune.config import load_config
 
@@ -22,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
     from ranktune.training import train
 
     result = train(config, resume=args.resume, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") != "0":  # another process than the main one under torchrun: that one reports
+        return 0
     if result.test_after:
         print(f"test: {format_metrics(result.test_after, result.test_before)}")
     print(f"adapter: {result.output_dir}")

@@ -68,7 +68,9 @@ def _launched_as_main() -> bool:
 
 
 def _log(message: str) -> None:
-    print(f"[ranktune] {message}", file=sys.stderr, flush=True)
+    """A progress line on stderr, from the main process only (under torchrun every process would repeat it)."""
+    if _launched_as_main():
+        print(f"[ranktune] {message}", file=sys.stderr, flush=True)
 
 
 def _resolve_data_paths(data: DataConfig) -> DataConfig:

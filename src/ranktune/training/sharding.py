@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ranktune.errors import UserInputError
+
 
 def adapter_modules(model: nn.Module) -> list[nn.Module]:
     """The modules that own an adapter tensor directly: a trainable parameter, or one named `lora_*` (L1RA's gate,
@@ -106,6 +108,12 @@ class WholeAdapterUnderFSDP:
         gated modules after the Trainer's constructor); FSDP wraps the model when training starts."""
         if self.is_fsdp_enabled:
             plugin = self.accelerator.state.fsdp_plugin
+            if plugin.fsdp_version != 2:  # FSDP1 from an accelerate config (training.fsdp_config is checked earlier)
+                raise UserInputError(
+                    f"accelerate's fsdp_version {plugin.fsdp_version} (FSDP1) is not supported: it flattens "
+                    "parameters into shards, while allocation methods edit rows of A, columns of B and gates in "
+                    "place; set fsdp_version: 2 in the accelerate config"
+                )
             ignored = plugin.ignored_modules or []
             if isinstance(ignored, str):  # accelerate's pattern form, matched against module names as it does
                 ignored = [module for name, module in self.model.named_modules() if re.fullmatch(ignored, name)]
