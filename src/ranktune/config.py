@@ -450,7 +450,7 @@ def check_training_arguments(values: dict[str, Any]) -> dict[str, Any]:
             names = list(fields) + list(TRAINING_ALIASES)
             raise ValueError(f"unknown key 'training.{key}' (not a TrainingArguments field).{did_you_mean(key, names)}")
         annotation = hints.get(key, fields[key].type)
-        if value is False and _accepts_str_not_bool(annotation):
+        if value is False and key not in _TRAINING_TYPES and _accepts_str_not_bool(annotation):
             value = "no"
         allowed = _TRAINING_TYPES.get(key) or _simple_types(annotation)
         if value is not None and allowed:

@@ -392,6 +392,32 @@ CASES: list[Case] = [
         after=_output_dir_untouched,
     ),
     Case(
+        "FSDP loading the model on the meta device",
+        lambda ws: [
+            "train",
+            ws.config(),
+            "training.fsdp=true",
+            "training.fsdp_config={cpu_ram_efficient_loading: true}",
+        ],
+        2,
+        ("training.fsdp_config: FSDP: cpu_ram_efficient_loading", "set it to false"),
+        after=_output_dir_untouched,
+    ),
+    Case(
+        "trained bias under FSDP",
+        lambda ws: ["train", ws.config(), "training.fsdp=true", "lora.bias=all"],
+        2,
+        ("lora.bias: 'all' with training.fsdp is not supported", "lora.bias: none"),
+        after=_output_dir_untouched,
+    ),
+    Case(
+        "FSDP in one process",
+        lambda ws: ["train", ws.config(), "training.fsdp=true"],
+        2,
+        ("training.fsdp shards the model across processes", "torchrun --nproc_per_node N"),
+        after=_output_dir_untouched,
+    ),
+    Case(
         "quantized base under FSDP",
         lambda ws: ["train", ws.config(), "training.fsdp=true", "model.quantization=4bit"],
         2,

@@ -5,9 +5,9 @@ accelerate applies FSDP only on GPUs and other accelerators; on CPU it silently 
 weights, all-gathers in forward and backward, sharded checkpoints through torch.distributed.checkpoint), this
 launcher makes accelerate's state say FSDP whenever an FSDP plugin was given; nothing else is changed.
 
-After every optimizer step, each process appends a digest of its adapter tensors (every plain, non-sharded tensor
-whose name holds `lora_` or `shortcut`, masks and gates included) to DIGEST_DIR/digest-RANK.jsonl: the test compares
-the processes step by step.
+After every optimizer step, each process appends a digest of its adapter tensors (every tensor whose name holds
+`lora_` or `shortcut`, masks and gates included), the number of sharded (DTensor) tensors in the model and the names
+of any sharded adapter tensor to DIGEST_DIR/digest-RANK.jsonl: the test compares the processes step by step.
 """
 
 from __future__ import annotations
@@ -46,14 +46,22 @@ def _record_digests(digest_dir: Path) -> None:
     class Digest(TrainerCallback):
         def on_optimizer_step(self, args, state, control, model=None, **kwargs):
             tensors = [*model.named_parameters(), *model.named_buffers()]
-            digest = {
-                name: float(tensor.detach().double().sum())
-                for name, tensor in tensors
-                if ("lora_" in name or "shortcut" in name) and not isinstance(tensor, DTensor)
-            }
+            adapter = [(name, tensor) for name, tensor in tensors if "lora_" in name or "shortcut" in name]
+            digest = {name: float(tensor.detach().double().sum()) for name, tensor in adapter}
             sharded = sum(isinstance(tensor, DTensor) for _, tensor in tensors)
+            sharded_adapter = [name for name, tensor in adapter if isinstance(tensor, DTensor)]
             with (digest_dir / f"digest-{os.environ.get('RANK', '0')}.jsonl").open("a") as stream:
-                stream.write(json.dumps({"step": state.global_step + 1, "sharded": sharded, "digest": digest}) + "\n")
+                stream.write(
+                    json.dumps(
+                        {
+                            "step": state.global_step + 1,
+                            "sharded": sharded,
+                            "sharded_adapter": sharded_adapter,
+                            "digest": digest,
+                        }
+                    )
+                    + "\n"
+                )
 
     original = RanktuneTrainer.__init__
 

@@ -29,7 +29,7 @@ METHODS = {
     "l1ra": ("allocation={method: l1ra, l1ra_lambda: 3.0, eta_c: 0.05, rank_update_ratio: 0.125}",),
     "adalora": ("allocation={method: adalora, init_r: 6, target_r: 3, tinit: 3, tfinal: 4, deltaT: 2}",),
     "hetero": (
-        "allocation={method: hetero, heuristic: grad_norm, every: 4, keep: 0.5, batches: 4, shortcuts_mode: combined}",
+        "allocation={method: hetero, heuristic: grad_norm, every: 4, keep: 0.5, batches: 3, shortcuts_mode: combined}",
         "shortcuts.r=4",
     ),
     "eva": ("allocation={method: eva, rho: 2.0, batches: 4}",),
@@ -107,6 +107,7 @@ def test_fsdp2_processes_agree_every_step_and_match_the_reference(method, make_m
     assert [row["step"] for row in rank0] == list(range(1, 17))
     assert rank0 == rank1  # every adapter tensor, mask and gate bit-identical on both processes after every step
     assert rank0[0]["sharded"] > 0  # the base really was sharded (DTensors), not trained as DDP
+    assert rank0[0]["digest"] and not any(row["sharded_adapter"] for row in rank0)  # the adapter stayed whole
 
     if method == "eva":  # calibration batches are shared out per process: DDP with the same split is the reference
         train(config, tmp_path / "reference", *METHODS[method], processes=2, port=port + 20)
@@ -145,12 +146,12 @@ def test_an_interrupted_fsdp2_run_resumes_to_the_same_adapter(method, make_model
 
 
 def test_accelerate_launch_with_the_example_config_runs_fsdp2(make_model_dir, tmp_path):
-    """examples/accelerate_fsdp2.yaml (mixed precision off: this is a CPU) gives the FSDP2 run `training.fsdp`
+    """examples/accelerate/fsdp2.yaml (mixed precision off: this is a CPU) gives the FSDP2 run `training.fsdp`
     gives, without any training.fsdp key."""
     config = write_run(tmp_path, make_model_dir("llama"))
     digests = tmp_path / "accelerate-digests"
     digests.mkdir()
-    example = str(REPO / "examples" / "accelerate_fsdp2.yaml")
+    example = str(REPO / "examples" / "accelerate" / "fsdp2.yaml")
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", example,
         "--mixed_precision", "no", "--main_process_port", "29660",
@@ -163,3 +164,14 @@ def test_accelerate_launch_with_the_example_config_runs_fsdp2(make_model_dir, tm
     assert rank0 == rank1 and rank0[0]["sharded"] > 0
     train(config, tmp_path / "torchrun", *METHODS["l1ra"], *FSDP, processes=2, port=29661)
     assert_same_adapter(tmp_path / "accelerate", tmp_path / "torchrun", atol=0)
+
+
+def test_fsdp2_with_gradient_accumulation_matches_one_process(make_model_dir, tmp_path):
+    """2 processes x 2 rows x 2 accumulated micro-batches = one process's batch of 8: the gradients are averaged once
+    per window, after its last micro-batch."""
+    config = write_run(tmp_path, make_model_dir("llama"))
+    accumulate = ["training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=2"]
+    digests = train(config, tmp_path / "fsdp", *METHODS["l1ra"], *FSDP, *accumulate, processes=2, port=29670)
+    assert read_digests(digests, 0) == read_digests(digests, 1)
+    train(config, tmp_path / "reference", *METHODS["l1ra"], "training.per_device_train_batch_size=8")
+    assert_same_adapter(tmp_path / "fsdp", tmp_path / "reference", atol=5e-5)

@@ -60,7 +60,7 @@ def full_gradients(model: PeftModel, batches: Sequence[Batch]) -> dict[str, torc
     for weight in weights:
         weight.requires_grad_(True)
     try:
-        summed_gradients(model, weights, batches)
+        summed_gradients(model, weights, [(batch, 1.0) for batch in batches])  # before FSDP wraps the model
         count = _batch_count(len(batches), weights[0].device)
         return {name: _weight_gradient(layer) / count for name, layer in layers.items()}
     finally:

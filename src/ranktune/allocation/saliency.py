@@ -89,28 +89,37 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _my_batches(batches: Sequence[Batch]) -> list[Batch]:
+def _my_batches(batches: Sequence[Batch]) -> list[tuple[Batch, float]]:
+    """This process's share of the batches, each with its weight: every world_size-th batch (weight 1), padded with
+    weight-0 passes so that every process runs the same number of forward and backward passes. Under FSDP each
+    pass is collective (the base weights are all-gathered), so uneven counts would leave processes waiting."""
+    batches = list(batches)
     if not _distributed():
-        return list(batches)
-    return list(batches)[dist.get_rank() :: dist.get_world_size()]
+        return [(batch, 1.0) for batch in batches]
+    world = dist.get_world_size()
+    mine = [(batch, 1.0) for batch in batches[dist.get_rank() :: world]]
+    passes = -(-len(batches) // world)  # ceil
+    return mine + [(batches[0], 0.0)] * (passes - len(mine))
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def summed_gradients(model: nn.Module, parameters: Sequence[torch.Tensor], batches: Sequence[Batch]) -> None:
+def summed_gradients(
+    model: nn.Module, parameters: Sequence[torch.Tensor], batches: Sequence[tuple[Batch, float]]
+) -> None:
     """Leaves Σ_b ∂L_b/∂p over every process's batches in each parameter's .grad (zeros where no batch reached it,
     including on a process that got no batch: the sum across processes still takes place).
 
-    `batches` are this process's own; the parameters must require grad.
+    `batches` are this process's own, with their weights (`_my_batches`); the parameters must require grad.
     """
     device = parameters[0].device
     for weight in parameters:
         weight.grad = None
     with torch.enable_grad():
-        for batch in batches:
-            model(**_to(batch, device)).loss.backward()
+        for batch, weight in batches:
+            (model(**_to(batch, device)).loss * weight).backward()
     grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in parameters]
     if _distributed():
         flat = torch.cat([g.flatten() for g in grads])
@@ -179,9 +188,9 @@ def mean_loss(model: nn.Module, batches: Sequence[Batch]) -> float:
     device = next(model.parameters()).device
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, batch count)
     with torch.no_grad():
-        for batch in _my_batches(batches):
-            total[0] += float(model(**_to(batch, device)).loss)
-            total[1] += 1
+        for batch, weight in _my_batches(batches):
+            total[0] += float(model(**_to(batch, device)).loss) * weight
+            total[1] += weight
     if _distributed():
         dist.all_reduce(total)
     return float(total[0] / total[1])

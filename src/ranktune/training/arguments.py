@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -88,20 +89,34 @@ def check_parallelism(config: RunConfig, args: TrainingArguments) -> None:
     """Refuses the FSDP setups ranktune does not run (`training/sharding.py` describes the one it does: FSDP2).
 
     Raises:
-        UserInputError: FSDP1, or a quantized base under FSDP.
+        UserInputError: an FSDP setting `check_plugin` refuses, a quantized base or a trained bias under FSDP.
     """
     if not args.fsdp:
         return
-    if args.fsdp_plugin_args["fsdp_version"] != 2:
-        raise UserInputError(
-            "training.fsdp_config: fsdp_version 1 (FSDP1) is not supported: it flattens parameters into shards, "
-            "while allocation methods edit rows of A, columns of B and gates in place; use FSDP2 "
-            "(fsdp_version: 2, transformers' default)"
-        )
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from ranktune.training.sharding import FSDP1_REFUSAL, check_plugin
+
+    if args.fsdp_plugin_args["fsdp_version"] != 2:  # before building accelerate's plugin, which may refuse FSDP1 itself
+        raise UserInputError(f"training.fsdp_config: {FSDP1_REFUSAL}")
+    try:
+        check_plugin(FullyShardedDataParallelPlugin(**args.fsdp_plugin_args))
+    except UserInputError as error:
+        raise UserInputError(f"training.fsdp_config: {error}") from None
     if config.model.quantization != "none":
         raise UserInputError(
             f"model.quantization: '{config.model.quantization}' with training.fsdp is not supported yet (a quantized "
             "base under FSDP2 is untested here); train the quantized model on one GPU or with DDP"
+        )
+    if config.lora.bias != "none":
+        raise UserInputError(
+            f"lora.bias: '{config.lora.bias}' with training.fsdp is not supported: a trained bias keeps its module's "
+            "frozen weight out of FSDP's shards; use lora.bias: none"
+        )
+    if "LOCAL_RANK" not in os.environ:  # what torchrun and accelerate launch set; the Trainer's own error is vaguer
+        raise UserInputError(
+            "training.fsdp shards the model across processes: launch them with "
+            "`torchrun --nproc_per_node N -m ranktune train ...` or `accelerate launch -m ranktune train ...`"
         )
 
 

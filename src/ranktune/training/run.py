@@ -176,7 +176,10 @@ def _train_in(config: RunConfig, output_dir: Path, resume: bool, earlier: Earlie
     collator = build_collator(run.tokenizer, config.model.task, packing=config.data.packing)
     adapted = build_model_and_adapter(config, run, args, collator, output_dir)
     session = build_trainer(config, run, adapted, args, collator, output_dir)
-    test_before = None if resume else session.test_metrics()
+    sharded = session.trainer.is_fsdp_enabled  # the model is sharded only when training starts
+    test_before = None if resume or sharded else session.test_metrics()
+    if sharded and not resume and "test" in run.datasets:
+        _log("test before training: not scored under FSDP (before training starts the model is not sharded yet)")
     if test_before:
         _log(f"test before training: {format_metrics(test_before)}")
     checkpoint = choose_resume_checkpoint(session.trainer, output_dir) if resume else None
@@ -289,7 +292,8 @@ def build_trainer(
     test = run.datasets.get("test")
 
     def test_metrics() -> dict[str, Any] | None:
-        # A model sharded by FSDP runs a forward pass only with every process taking part: each scores the test set.
+        # A model sharded by FSDP runs a forward pass only with every process taking part: each scores the test set
+        # (the same batches everywhere, so the collectives pair up).
         if test is None or not (trainer.is_world_process_zero() or trainer.is_fsdp_enabled):
             return None
         metrics = evaluate(adapted.model, test, collator, task, num_labels, args.per_device_eval_batch_size)

@@ -39,27 +39,29 @@ def adapter_modules(model: nn.Module) -> list[nn.Module]:
 
 
 class AverageReplicatedGradients(TrainerCallback):
-    """Keeps the whole (FSDP-ignored) adapter tensors identical on every process: broadcast from process 0 when
-    training starts, gradients averaged once per accumulation window (a hook on the last accumulated gradient)."""
+    """Keeps the whole (FSDP-ignored) tensors that the Trainer's optimizer steps identical on every process:
+    broadcast from process 0 when training starts, gradients averaged once per accumulation window (a hook on the
+    last accumulated gradient). Tensors a strategy steps itself (L1RA's gates) are reduced by the strategy."""
 
     def __init__(self, accelerator) -> None:
         self.accelerator = accelerator
         self.hooked: set[int] = set()
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer=None,
                        **kwargs):  # fmt: skip
         from torch.distributed.tensor import DTensor
 
-        if model is None or not dist.is_initialized() or dist.get_world_size() == 1:
+        if optimizer is None or not dist.is_initialized() or dist.get_world_size() == 1:
             return
-        for parameter in model.parameters():
-            if isinstance(parameter, DTensor) or not parameter.requires_grad:
-                continue
-            with torch.no_grad():
-                dist.broadcast(parameter.data, src=0)
-            if id(parameter) not in self.hooked:  # `train()` may run twice on one model
-                parameter.register_post_accumulate_grad_hook(self._average)
-                self.hooked.add(id(parameter))
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                if isinstance(parameter, DTensor) or not parameter.requires_grad:
+                    continue
+                with torch.no_grad():
+                    dist.broadcast(parameter.data, src=0)
+                if id(parameter) not in self.hooked:  # `train()` may run twice on one model
+                    parameter.register_post_accumulate_grad_hook(self._average)
+                    self.hooked.add(id(parameter))
 
     def _average(self, parameter: torch.Tensor) -> None:
         if self.accelerator.sync_gradients:  # the last micro-batch of the window: the sum is complete
@@ -79,8 +81,9 @@ def complete_adam_state(optimizer: torch.optim.Optimizer) -> None:
         for parameter in group["params"]:
             if not parameter.requires_grad or optimizer.state.get(parameter):
                 continue
+            on_device = group.get("fused") or group.get("capturable")  # where Adam itself keeps `step`
             state = {
-                "step": torch.tensor(0.0, dtype=torch.float32),
+                "step": torch.tensor(0.0, dtype=torch.float32, device=parameter.device if on_device else "cpu"),
                 "exp_avg": torch.zeros_like(parameter, memory_format=torch.preserve_format),
                 "exp_avg_sq": torch.zeros_like(parameter, memory_format=torch.preserve_format),
             }
@@ -89,12 +92,66 @@ def complete_adam_state(optimizer: torch.optim.Optimizer) -> None:
             optimizer.state[parameter] = state
 
 
+FSDP1_REFUSAL = (
+    "fsdp_version 1 (FSDP1) is not supported: it flattens parameters into shards, while allocation methods edit "
+    "rows of A, columns of B and gates in place; use fsdp_version: 2"
+)
+
+
+def check_plugin(plugin, model: nn.Module | None = None) -> None:
+    """Refuses the FSDP settings (from `training.fsdp_config` or an accelerate config) that cannot keep the adapter
+    whole or that ranktune does not test; with `model`, also what the model itself brings.
+
+    Raises:
+        UserInputError: naming the setting and what to use instead.
+    """
+    refusals = [
+        (plugin.fsdp_version != 2, FSDP1_REFUSAL),
+        (
+            bool(plugin.cpu_ram_efficient_loading),
+            "cpu_ram_efficient_loading puts the model on the meta device on every process but the first, before the "
+            "adapter is built and calibrated; set it to false",
+        ),
+        (
+            bool(plugin.activation_checkpointing),
+            "activation_checkpointing renames the layers the allocation methods address; use "
+            "training.gradient_checkpointing: true instead",
+        ),
+        (
+            "SHARDED" in str(plugin.state_dict_type),
+            "state_dict_type SHARDED_STATE_DICT writes checkpoints without the adapter file --resume needs; use "
+            "FULL_STATE_DICT",
+        ),
+    ]
+    if model is not None:
+        quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+        refusals.append((bool(quantized), "a quantized base is not tested under FSDP; train it on one GPU or with DDP"))
+    for refused, reason in refusals:
+        if refused:
+            raise UserInputError(f"FSDP: {reason}")
+    for name, module in model.named_modules() if model is not None else ():
+        own = list(module.named_parameters(recurse=False))
+        trained = any(parameter.requires_grad for _, parameter in own)
+        frozen = [n for n, parameter in own if not parameter.requires_grad and not n.startswith("lora_")]
+        if trained and frozen:  # e.g. a trained bias beside a frozen base weight: the weight would not be sharded
+            raise UserInputError(
+                f"FSDP: module {name} trains some of its parameters and not its {', '.join(frozen)}, which FSDP "
+                "could then not shard (lora.bias: none keeps base biases frozen)"
+            )
+
+
 class WholeAdapterUnderFSDP:
     """Trainer mixin: under FSDP2 the adapter's modules are left out of the shards and its gradients averaged by
     `AverageReplicatedGradients`. Put it before the Trainer class in the bases."""
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
+        if self.is_deepspeed_enabled:  # from an accelerate config (training.deepspeed is refused earlier)
+            raise UserInputError(
+                "accelerate's DeepSpeed is not supported by ranktune (ZeRO-3 partitions the adapter tensors that "
+                "allocation methods edit in place, and no DeepSpeed path is tested); use FSDP2 (distributed_type: "
+                "FSDP, fsdp_version: 2; examples/accelerate/fsdp2.yaml)"
+            )
         if not self.is_fsdp_enabled and self.args.fsdp and dist.is_initialized() and dist.get_rank() == 0:
             print(
                 "[ranktune] training.fsdp: accelerate shards models on GPUs and other accelerators only; this CPU run "
@@ -104,24 +161,37 @@ class WholeAdapterUnderFSDP:
             )
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        """Names the adapter's modules to FSDP now, once the model is complete (the drop-in trainers install their
-        gated modules after the Trainer's constructor); FSDP wraps the model when training starts."""
-        if self.is_fsdp_enabled:
-            plugin = self.accelerator.state.fsdp_plugin
-            if plugin.fsdp_version != 2:  # FSDP1 from an accelerate config (training.fsdp_config is checked earlier)
-                raise UserInputError(
-                    f"accelerate's fsdp_version {plugin.fsdp_version} (FSDP1) is not supported: it flattens "
-                    "parameters into shards, while allocation methods edit rows of A, columns of B and gates in "
-                    "place; set fsdp_version: 2 in the accelerate config"
-                )
-            ignored = plugin.ignored_modules or []
-            if isinstance(ignored, str):  # accelerate's pattern form, matched against module names as it does
-                ignored = [module for name, module in self.model.named_modules() if re.fullmatch(ignored, name)]
-            owners = adapter_modules(self.model)
-            plugin.ignored_modules = [*ignored, *(module for module in owners if module not in ignored)]
-            if not any(isinstance(c, AverageReplicatedGradients) for c in self.callback_handler.callbacks):
-                self.add_callback(AverageReplicatedGradients(self.accelerator))
+        self._shard_base_only()
         return super().train(*args, **kwargs)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        self._shard_base_only()  # an evaluation before training wraps the model too
+        return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        self._shard_base_only()
+        return super().predict(*args, **kwargs)
+
+    def _shard_base_only(self) -> None:
+        """Names the adapter's modules to FSDP before it wraps the model (at the first train, evaluate or predict;
+        the drop-in trainers install their gated modules after the Trainer's constructor), and refuses the FSDP
+        settings that cannot keep the adapter whole or that ranktune does not test.
+
+        Raises:
+            UserInputError: FSDP1, CPU-RAM-efficient loading, FSDP's activation checkpointing, sharded checkpoints,
+                a quantized base, or a module that trains only some of its parameters.
+        """
+        if not self.is_fsdp_enabled:
+            return
+        plugin = self.accelerator.state.fsdp_plugin
+        check_plugin(plugin, self.model)
+        ignored = plugin.ignored_modules or []
+        if isinstance(ignored, str):  # accelerate's pattern form, matched against module names as it does
+            ignored = [module for name, module in self.model.named_modules() if re.fullmatch(ignored, name)]
+        owners = adapter_modules(self.model)
+        plugin.ignored_modules = [*ignored, *(module for module in owners if module not in ignored)]
+        if not any(isinstance(c, AverageReplicatedGradients) for c in self.callback_handler.callbacks):
+            self.add_callback(AverageReplicatedGradients(self.accelerator))
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         if self.is_fsdp_enabled:
