@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from ranktune.config import load_config
 
@@ -19,11 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)  # no torch yet: most mistakes are reported at once
+    from ranktune.console import launched_as_main
     from ranktune.evaluation import format_metrics
     from ranktune.training import train
 
     result = train(config, resume=args.resume, overwrite=args.overwrite)
-    if os.environ.get("RANK", "0") != "0":  # another process than the main one under torchrun: that one reports
+    if not launched_as_main():  # another process than the main one under torchrun: that one reports
         return 0
     if result.test_after:
         print(f"test: {format_metrics(result.test_after, result.test_before)}")

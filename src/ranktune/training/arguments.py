@@ -72,11 +72,9 @@ def build_training_arguments(config: RunConfig, output_dir: Path, has_validation
             "that keeps packed examples apart; drop use_cache or set data.packing: false"
         )
     if values.get("deepspeed"):  # before TrainingArguments, which asks for the deepspeed package first
-        raise UserInputError(
-            "training.deepspeed: DeepSpeed is not supported by ranktune (ZeRO-3 partitions the adapter tensors that "
-            "allocation methods edit in place, and no DeepSpeed path is tested); shard with FSDP2 instead: "
-            "training.fsdp: true"
-        )
+        from ranktune.training.sharding import DEEPSPEED_REFUSAL
+
+        raise UserInputError(f"training.deepspeed: {DEEPSPEED_REFUSAL}: training.fsdp: true")
     try:
         args = TrainingArguments(output_dir=str(output_dir), **values)
     except (ValueError, TypeError, ImportError) as error:
@@ -95,7 +93,7 @@ def check_parallelism(config: RunConfig, args: TrainingArguments) -> None:
         return
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    from ranktune.training.sharding import FSDP1_REFUSAL, check_plugin
+    from ranktune.training.sharding import FSDP1_REFUSAL, QUANTIZED_REFUSAL, check_plugin
 
     if args.fsdp_plugin_args["fsdp_version"] != 2:  # before building accelerate's plugin, which may refuse FSDP1 itself
         raise UserInputError(f"training.fsdp_config: {FSDP1_REFUSAL}")
@@ -104,10 +102,8 @@ def check_parallelism(config: RunConfig, args: TrainingArguments) -> None:
     except UserInputError as error:
         raise UserInputError(f"training.fsdp_config: {error}") from None
     if config.model.quantization != "none":
-        raise UserInputError(
-            f"model.quantization: '{config.model.quantization}' with training.fsdp is not supported yet (a quantized "
-            "base under FSDP2 is untested here); train the quantized model on one GPU or with DDP"
-        )
+        quantization = config.model.quantization
+        raise UserInputError(f"model.quantization: '{quantization}' with training.fsdp: {QUANTIZED_REFUSAL}")
     if config.lora.bias != "none":
         raise UserInputError(
             f"lora.bias: '{config.lora.bias}' with training.fsdp is not supported: a trained bias keeps its module's "

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from ranktune.adapters.shortcuts import ShortcutSet, find_shortcuts
 from ranktune.allocation.callback import AllocationCallback
 from ranktune.allocation.registry import AdaptedModel, BuildContext, build_adapter, method_of
 from ranktune.config import DataConfig, RunConfig
+from ranktune.console import launched_as_main, progress
 from ranktune.data import build_collator, detect_format, load_splits, prepare_causal_lm, prepare_classification
 from ranktune.errors import RanktuneError, UserInputError
 from ranktune.evaluation import evaluate, format_metrics, trainer_classification_metrics
@@ -60,17 +59,6 @@ class TrainResult:
     test_before: dict[str, Any] | None = None
     test_after: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def _launched_as_main() -> bool:
-    """Whether this is the main process of a torchrun / accelerate launch (or a single process)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _log(message: str) -> None:
-    """A progress line on stderr, from the main process only (under torchrun every process would repeat it)."""
-    if _launched_as_main():
-        print(f"[ranktune] {message}", file=sys.stderr, flush=True)
 
 
 def _resolve_data_paths(data: DataConfig) -> DataConfig:
@@ -127,9 +115,9 @@ def prepare_run(config: RunConfig) -> PreparedRun:
     data = _resolve_data_paths(config.data)
     pretrained_config = load_model_config(model_path, config.model)  # read once: the tokenizer's EOS, the model type
     tokenizer = load_tokenizer(model_path, config.model, pretrained_config)
-    _log(f"preparing data from {data.train}")
+    progress(f"preparing data from {data.train}")
     datasets, label_names, data_format = _prepare_datasets(config, data, tokenizer, pretrained_config.model_type)
-    _log(f"loading {config.model.name_or_path} ({config.model.task})")
+    progress(f"loading {config.model.name_or_path} ({config.model.task})")
     model = load_base_model(model_path, config.model, label_names=label_names, pad_token_id=tokenizer.pad_token_id)
     return PreparedRun(model_path, tokenizer, datasets, label_names, data_format, model)
 
@@ -145,7 +133,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
         TrainingInterrupted: a signal stopped training; a checkpoint was saved.
     """
     validate_training_arguments(config)  # what TrainingArguments refuses, before anything is loaded or written
-    main_process = _launched_as_main()
+    main_process = launched_as_main()
     output_dir = check_output_dir(config.output_dir)
     with output_dir_lock(output_dir, enabled=main_process):
         if main_process:
@@ -157,7 +145,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> T
             raise  # resumable: its checkpoints and the earlier run's logs both stay
         except BaseException:
             if not earlier.restore():
-                _log(f"this run's checkpoints in {output_dir} are kept: continue it with --resume")
+                progress(f"this run's checkpoints in {output_dir} are kept: continue it with --resume")
             raise
         earlier.discard()
         return result
@@ -179,9 +167,9 @@ def _train_in(config: RunConfig, output_dir: Path, resume: bool, earlier: Earlie
     sharded = session.trainer.is_fsdp_enabled  # the model is sharded only when training starts
     test_before = None if resume or sharded else session.test_metrics()
     if sharded and not resume and "test" in run.datasets:
-        _log("test before training: not scored under FSDP (before training starts the model is not sharded yet)")
+        progress("test before training: not scored under FSDP (before training starts the model is not sharded yet)")
     if test_before:
-        _log(f"test before training: {format_metrics(test_before)}")
+        progress(f"test before training: {format_metrics(test_before)}")
     checkpoint = choose_resume_checkpoint(session.trainer, output_dir) if resume else None
     earlier.set_aside()
     if session.main_process:
@@ -189,7 +177,7 @@ def _train_in(config: RunConfig, output_dir: Path, resume: bool, earlier: Earlie
     metrics = run_training(session, checkpoint, output_dir)
     test_after = session.test_metrics()
     if test_after:
-        _log(f"test after training:  {format_metrics(test_after)}")
+        progress(f"test after training:  {format_metrics(test_after)}")
     if not session.main_process:
         return TrainResult(output_dir, metrics)
     report = {"metrics": metrics, "test_before": test_before, "test_after": test_after}
@@ -214,20 +202,20 @@ def build_model_and_adapter(
     context = BuildContext(args, run.datasets["train"], collator, output_dir, seed=config.seed)
     adapted = build_adapter(run.model, config, context)
     trainable, total = adapted.model.get_nb_trainable_parameters()
-    _log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    progress(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     shortcuts = find_shortcuts(adapted.model)
     if shortcuts is not None:
         count = sum(1 for _ in shortcuts.named_connections())
-        _log(f"shortcut connections: {count} ({sum(p.numel() for p in shortcuts.parameters()):,} parameters)")
+        progress(f"shortcut connections: {count} ({sum(p.numel() for p in shortcuts.parameters()):,} parameters)")
     if adapted.strategy is not None:
         totals = adapted.strategy.totals()
         if method_of(config.allocation).capabilities.moves_ranks == "before_training":
-            _log(
+            progress(
                 f"{adapted.strategy.name}: total rank {totals.total_rank:,} chosen before step 0 "
                 f"({totals.active_parameters:,} rank-component parameters); {RANK_HISTORY} records each module's rank"
             )
         else:
-            _log(
+            progress(
                 f"{adapted.strategy.name}: total rank {totals.total_rank:,} before the first allocation "
                 f"({totals.active_parameters:,} rank-component parameters; the rest is fixed capacity); "
                 f"{RANK_HISTORY} records every change"
@@ -306,7 +294,7 @@ def build_trainer(
 def choose_resume_checkpoint(trainer: RanktuneTrainer, output_dir: Path) -> str:
     """The newest checkpoint whose files were all written (a kill can leave a newer one half-saved)."""
     chosen, skipped = select_resume_checkpoint(output_dir, trainer.checkpoint_files())
-    _log(resume_message(chosen, skipped))
+    progress(resume_message(chosen, skipped))
     return str(chosen)
 
 
@@ -361,17 +349,19 @@ def export_adapter(
         shortcuts=session.shortcuts,
         initial_adapter=session.adapted.initial_adapter,
     )
-    _log(f"adapter saved to {output_dir}")
+    progress(f"adapter saved to {output_dir}")
     from ranktune.serving.export import write_serving_forms
 
     try:  # the run is finished and its adapter written: a serving form that cannot be made must not undo that
         results = write_serving_forms(output_dir, config.export.formats, config.export.max_rank)
     except RanktuneError as error:
-        _log(f"serving forms not written ({error}); make them with `ranktune export {output_dir} ...`")
+        progress(f"serving forms not written ({error}); make them with `ranktune export {output_dir} ...`")
         results = []
     for result in results:
         serving = result.vllm_max_lora_rank
-        _log(f"{result.form} form: {result.path} (largest rank {result.largest_rank}; vLLM --max-lora-rank {serving})")
+        progress(
+            f"{result.form} form: {result.path} (largest rank {result.largest_rank}; vLLM --max-lora-rank {serving})"
+        )
         for warning in result.warnings:
-            _log(f"{result.form} form: {warning}")
+            progress(f"{result.form} form: {warning}")
     return info

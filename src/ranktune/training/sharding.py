@@ -16,7 +16,6 @@ as DDP without saying so, which `ranktune train` reports.
 from __future__ import annotations
 
 import re
-import sys
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ranktune.console import progress
 from ranktune.errors import UserInputError
 
 
@@ -98,6 +98,13 @@ FSDP1_REFUSAL = (
 )
 
 
+DEEPSPEED_REFUSAL = (
+    "DeepSpeed is not supported by ranktune (ZeRO-3 partitions the adapter tensors that allocation methods edit in "
+    "place, and no DeepSpeed path is tested); shard with FSDP2 instead"
+)
+QUANTIZED_REFUSAL = "a quantized base is not tested under FSDP2; train it on one GPU or with DDP"
+
+
 def check_plugin(plugin, model: nn.Module | None = None) -> None:
     """Refuses the FSDP settings (from `training.fsdp_config` or an accelerate config) that cannot keep the adapter
     whole or that ranktune does not test; with `model`, also what the model itself brings.
@@ -125,7 +132,7 @@ def check_plugin(plugin, model: nn.Module | None = None) -> None:
     ]
     if model is not None:
         quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-        refusals.append((bool(quantized), "a quantized base is not tested under FSDP; train it on one GPU or with DDP"))
+        refusals.append((bool(quantized), QUANTIZED_REFUSAL))
     for refused, reason in refusals:
         if refused:
             raise UserInputError(f"FSDP: {reason}")
@@ -148,16 +155,13 @@ class WholeAdapterUnderFSDP:
         super().create_accelerator_and_postprocess()
         if self.is_deepspeed_enabled:  # from an accelerate config (training.deepspeed is refused earlier)
             raise UserInputError(
-                "accelerate's DeepSpeed is not supported by ranktune (ZeRO-3 partitions the adapter tensors that "
-                "allocation methods edit in place, and no DeepSpeed path is tested); use FSDP2 (distributed_type: "
-                "FSDP, fsdp_version: 2; examples/accelerate/fsdp2.yaml)"
+                f"accelerate's {DEEPSPEED_REFUSAL} (distributed_type: FSDP, fsdp_version: 2; "
+                "examples/accelerate/fsdp2.yaml)"
             )
-        if not self.is_fsdp_enabled and self.args.fsdp and dist.is_initialized() and dist.get_rank() == 0:
-            print(
-                "[ranktune] training.fsdp: accelerate shards models on GPUs and other accelerators only; this CPU run "
-                "is plain data parallel (every process holds the whole model)",
-                file=sys.stderr,
-                flush=True,
+        if not self.is_fsdp_enabled and self.args.fsdp:
+            progress(
+                "training.fsdp: accelerate shards models on GPUs and other accelerators only; this CPU run is plain "
+                "data parallel (every process holds the whole model)"
             )
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
