@@ -106,6 +106,36 @@ def plot_rank_heatmap(modules: list[ModuleRank], path: str | Path) -> Path:
     return plot_module_heatmap({m.module: m.rank for m in modules}, path, "LoRA rank per module", "rank")
 
 
+def reallocation_changes(rows: list[dict]) -> list[dict[str, int | None]]:
+    """Per HeteroLoRA reallocation (from reallocation_history.jsonl): its step, how many candidates it enabled, and
+    how many it switched on and off against the one before (None for the first)."""
+    selections: dict[int, set[str]] = {}
+    for row in rows:
+        chosen = selections.setdefault(int(row["step"]), set())
+        if row["enabled"]:
+            chosen.add(row["module"])
+    changes: list[dict[str, int | None]] = []
+    before: set[str] | None = None
+    for step in sorted(selections):
+        chosen = selections[step]
+        switched_on = None if before is None else len(chosen - before)
+        switched_off = None if before is None else len(before - chosen)
+        changes.append({"step": step, "enabled": len(chosen), "switched_on": switched_on, "switched_off": switched_off})
+        before = chosen
+    return changes
+
+
+def format_reallocations(changes: list[dict[str, int | None]]) -> str:
+    """One line: how many reallocations, and the candidates each after the first switched on and off."""
+    moves = [f"+{c['switched_on']}/-{c['switched_off']}" for c in changes[1:]]
+    line = f"reallocations: {len(changes)} (steps {', '.join(str(c['step']) for c in changes)})"
+    if not moves:
+        return line
+    if not any(c["switched_on"] or c["switched_off"] for c in changes[1:]):
+        return f"{line}; the selection never changed after the first"
+    return f"{line}; candidates switched on/off by each after the first: {', '.join(moves)}"
+
+
 def enabled_share(rows: list[dict]) -> dict[str, float]:
     """Per module, the share of HeteroLoRA's reallocations that enabled it (from reallocation_history.jsonl)."""
     counts: dict[str, list[int]] = {}

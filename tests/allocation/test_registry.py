@@ -170,3 +170,22 @@ def test_sharded_calibration_batches_share_out_the_first_ones():
         batches[rank] = context.calibration_batches(4, shard=True)
     assert batches == {0: [[0, 1], [4, 5]], 1: [[2, 3], [6, 7]]}
     assert context.calibration_batches(2, batch_size=3) == [[0, 1, 2], [3, 4, 5]]  # unsharded, own batch size
+
+
+def test_sampled_batches_draw_the_same_rows_whatever_the_process_count():
+    """A draw is a prefix of a seeded permutation of the rows: 2 processes x 4 rows see exactly the rows 1 process x
+    8 rows sees, every process gets the whole list, and another draw gives other rows."""
+    rows = [{"row": i} for i in range(100)]
+
+    def context(per_device: int, world: int, seed: int = 3) -> registry.BuildContext:
+        args = SimpleNamespace(per_device_train_batch_size=per_device, world_size=world)
+        return registry.BuildContext(args, rows, lambda batch: [r["row"] for r in batch], Path("."), seed=seed)
+
+    one = context(8, 1).sampled_batches(3, draw=40)
+    two = context(4, 2).sampled_batches(3, draw=40)
+    assert [len(b) for b in one] == [8] * 3 and [len(b) for b in two] == [4] * 6
+    assert [r for b in one for r in b] == [r for b in two for r in b]
+    drawn = [r for b in one for r in b]
+    assert len(set(drawn)) == 24 and drawn != list(range(24))  # without replacement, not the first rows
+    assert [r for b in context(8, 1).sampled_batches(3, draw=41) for r in b] != drawn
+    assert [r for b in context(8, 1, seed=4).sampled_batches(3, draw=40) for r in b] != drawn

@@ -54,7 +54,7 @@ def llama_with_trained_b(make_model_dir):
 
 
 def by_autograd(model, batches):
-    total = sum(model(**batch).loss for batch in batches)
+    total = sum(model(**batch).loss for batch in batches) / len(batches)  # the mean loss over the batches
     layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "lora_A")}
     layers = {n: m for n, m in layers.items() if "default" in getattr(m, "lora_A", {})}
     weights = [w for m in layers.values() for w in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
@@ -145,7 +145,7 @@ def test_shortcut_connections_are_scored_like_lora_modules(heuristic, make_model
     model, batches, connections = llama_with_trained_shortcuts(make_model_dir)
     scores = score_modules(model, batches, heuristic)
     assert set(connections) <= set(scores) and len(scores) == 4 + 2  # q, v in 2 layers + 2 connections
-    total = sum(model(**batch).loss for batch in batches)
+    total = sum(model(**batch).loss for batch in batches) / len(batches)  # the mean loss over the batches
     weights = [w for c in connections.values() for w in (c.A, c.B)]
     grads = dict(zip(["A0", "B0", "A1", "B1"], torch.autograd.grad(total, weights), strict=True))
     for index, (name, connection) in enumerate(connections.items()):

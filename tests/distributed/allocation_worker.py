@@ -28,7 +28,7 @@ from ranktune.allocation.adalora import AdaLoRASettings, AdaLoRAStrategy
 from ranktune.allocation.callback import AllocationCallback
 from ranktune.allocation.components import install_gates
 from ranktune.allocation.hetero import HeteroSettings, HeteroStrategy
-from ranktune.allocation.saliency import first_batches
+from ranktune.allocation.registry import BuildContext
 from ranktune.config import SHORTCUT_KINDS
 
 BLOCK = 24
@@ -89,9 +89,13 @@ def hetero(model, args: TrainingArguments, common: dict) -> dict:
     modules = install_gates(model, 4)
     specs = {(i, kind): ShortcutSpec(4, 8.0, 0.0) for i in range(2) for kind in SHORTCUT_KINDS}
     shortcuts = install_shortcuts(model, {key: spec for key, spec in specs.items() if key != (0, "shortcut2")})
-    batches = first_batches(common["train_dataset"], common["data_collator"], 4, 4)
+    context = BuildContext(args, common["train_dataset"], common["data_collator"], Path(args.output_dir), seed=0)
     settings = HeteroSettings(heuristic="grad_norm", every=4, keep=0.5, batches=4, shortcuts_mode="combined")
-    strategy = HeteroStrategy(model, modules, settings, batches, steps_per_epoch=16, seed=0, shortcuts=shortcuts)
+
+    def draw(step: int) -> list:  # fresh rows at every reallocation, the same on every process
+        return context.sampled_batches(settings.batches, draw=step)
+
+    strategy = HeteroStrategy(model, modules, settings, draw, steps_per_epoch=16, seed=0, shortcuts=shortcuts)
     Trainer(model=model, args=args, callbacks=[AllocationCallback(strategy)], **common).train()
     state = {
         m.name: {

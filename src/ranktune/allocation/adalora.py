@@ -156,6 +156,9 @@ class AdaLoRAStrategy:
             return {name: int(layer.r[ADAPTER]) for name, layer in self.layers.items()}
         return {name: sum(self.masks[f"{name}.lora_E.{ADAPTER}"]) for name in self.layers}
 
+    def closing_note(self) -> str | None:
+        return None
+
     def totals(self) -> Totals:
         ranks = self.ranks()
         return Totals(

@@ -16,6 +16,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ranktune.allocation.strategy import AllocationStrategy, HistoryRow
+from ranktune.console import progress
 from ranktune.errors import UserInputError
 from ranktune.files import drop_records_after
 
@@ -71,6 +72,11 @@ class AllocationCallback(TrainerCallback):
         record = self.strategy.after_optimizer_step(state.global_step + 1, kwargs.get("optimizer"))
         if record is not None:
             self._record(state, record)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        note = self.strategy.closing_note()
+        if note is not None:
+            progress(note)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if logs is not None and "loss" in logs:

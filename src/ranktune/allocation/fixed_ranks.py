@@ -39,6 +39,9 @@ class FixedRanks:
     def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> HistoryRow | None:
         return None
 
+    def closing_note(self) -> str | None:
+        return None
+
     def totals(self) -> Totals:
         ranks = [(self._rank(layer), layer.in_features + layer.out_features) for layer in self.layers.values()]
         return Totals(sum(rank for rank, _ in ranks), sum(rank * cost for rank, cost in ranks))

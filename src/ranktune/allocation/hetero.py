@@ -6,8 +6,11 @@ its mask at 0 and adds exactly zero (`adapters/shortcuts.py`). Every `every` opt
 candidates and enables the top `keep` (floor(keep · N) LoRA modules; shortcuts compete by `shortcuts_mode`, see
 `allocation/plan.select`):
 
-- offline (default): every candidate switched on, then the saliency heuristic over the first `batches` training
-  batches in order (`allocation/saliency.py`): extra forward/backward passes at each reallocation;
+- offline (default): the saliency heuristic over `batches` training batches drawn afresh at each reallocation (rows
+  at random, seeded by (seed, step)): extra forward/backward passes at each reallocation. With grad_norm and
+  `scoring: fresh` (the default) every candidate is scored as a freshly initialised module would score at the model
+  as it is (`saliency.fresh_gradient_scores`), so trained and untrained candidates compete on the same terms; with
+  `scoring: switched_on` (and the other heuristics) every candidate is switched on and scored with its own factors;
 - online: the mean, since the last reallocation, of the heuristic computed from the training gradients themselves
   (grad_norm or snip) relative to the mean over the enabled modules at the same step, at no extra pass. A disabled
   module has no gradient, so it competes with the relative score it had when it was switched off. Until the first
@@ -23,6 +26,7 @@ find_unused_parameters.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -66,7 +70,7 @@ class HeteroStrategy:
         model: PeftModel,
         modules: list[GatedModule],
         settings: HeteroSettings,
-        batches: list[Batch],
+        draw_batches: Callable[[int], list[Batch]],
         steps_per_epoch: int,
         seed: int = 0,
         shortcuts: ShortcutSet | None = None,
@@ -75,7 +79,7 @@ class HeteroStrategy:
         self.modules = {m.name: m for m in modules}
         self.connections: dict[str, LowRankShortcut] = dict(shortcuts.named_connections()) if shortcuts else {}
         self.settings = settings
-        self.batches = batches
+        self.draw_batches = draw_batches  # step -> the scoring batches of the reallocation at that step
         self.interval = reallocation_interval(settings.every, steps_per_epoch)
         self.seed = seed
         names = [*self.modules, *self.connections]
@@ -84,6 +88,8 @@ class HeteroStrategy:
         self.scores = dict.fromkeys(names, 0.0)
         self.online_sums = dict.fromkeys(names, 0.0)
         self.online_counts = dict.fromkeys(names, 0)
+        self.selected: list[str] | None = None  # the candidates the last reallocation enabled
+        self.changes: list[int] = []  # candidates switched on or off by each reallocation after the first
         self.total_steps = 0
 
     def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,31 +137,53 @@ class HeteroStrategy:
                 self.online_sums[name] += score / mean
                 self.online_counts[name] += 1
 
-    def _current_scores(self) -> dict[str, float]:
+    def _current_scores(self, step: int) -> dict[str, float]:
         if self.settings.online:
             for name in self.enabled:
                 if self.online_counts[name]:
                     self.scores[name] = self.online_sums[name] / self.online_counts[name]
                 self.online_sums[name], self.online_counts[name] = 0.0, 0
             return dict(self.scores)
+        heuristic = self.settings.heuristic
+        batches = [] if heuristic == "constant" else self.draw_batches(step)
+        if heuristic == "grad_norm" and self.settings.scoring == "fresh":
+            self.scores = score_modules(self.model, batches, heuristic, fresh_seed=self.seed)
+            return dict(self.scores)
         for name in self.enabled:
             self._set_enabled(name, True)  # score every candidate switched on
-        self.scores = score_modules(self.model, self.batches, self.settings.heuristic)
+        self.scores = score_modules(self.model, batches, heuristic)
         return dict(self.scores)
 
     def reallocate(self, step: int) -> HistoryRow:
-        """Scores the candidates and enables the top `keep`; returns the row for the histories."""
-        scores = self._current_scores()
+        """Scores the candidates and enables the top `keep`; returns the row for the histories, whose counts say how
+        many candidates this reallocation switched on and off (from the second one on)."""
+        scores = self._current_scores(step)
         chosen = set(select(scores, self.settings.keep, self.settings.shortcuts_mode, self.seed * 1_000_003 + step))
         for name in self.enabled:
             self._set_enabled(name, name in chosen)
+        counts = {}
+        if self.selected is not None:
+            before = set(self.selected)
+            counts = {"switched_on": len(chosen - before), "switched_off": len(before - chosen)}
+            self.changes.append(counts["switched_on"] + counts["switched_off"])
+        self.selected = sorted(chosen)
         rows = [asdict(ReallocationRow(step, name, scores[name], name in chosen)) for name in self.enabled]
-        return HistoryRow(step, self.summary(), extra_rows={REALLOCATION_HISTORY: rows})
+        return HistoryRow(step, self.summary(), counts, extra_rows={REALLOCATION_HISTORY: rows})
 
     def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> HistoryRow | None:
         if step % self.interval != 0 or step >= self.total_steps:
             return None
         return self.reallocate(step)
+
+    def closing_note(self) -> str | None:
+        """A line for the end of training when the search never changed its selection."""
+        if self.changes and not any(self.changes):
+            return (
+                f"the dynamic search kept the same {len(self.selected or [])} candidates at all "
+                f"{len(self.changes) + 1} reallocations: a static plan (`ranktune saliency` + `plan`) trains such an "
+                "adapter without the scoring passes"
+            )
+        return None
 
     def totals(self) -> Totals:
         sizes = [self._rank_and_cost(name) for name in self.enabled]
@@ -179,6 +207,8 @@ class HeteroStrategy:
             "scores": dict(self.scores),
             "online_sums": dict(self.online_sums),
             "online_counts": dict(self.online_counts),
+            "selected": self.selected,
+            "changes": list(self.changes),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -187,3 +217,4 @@ class HeteroStrategy:
         self.scores = dict(state["scores"])
         self.online_sums = dict(state["online_sums"])
         self.online_counts = dict(state["online_counts"])
+        self.selected, self.changes = state.get("selected"), list(state.get("changes", []))

@@ -176,6 +176,9 @@ class L1RAStrategy:
             by_name[name].lora_A.refresh()
         self.unspent = plan.unspent
 
+    def closing_note(self) -> str | None:
+        return None
+
     def totals(self) -> Totals:
         """From the cached ranks (no tensor work)."""
         return Totals(sum(m.rank for m in self.modules), sum(m.rank * m.cost for m in self.modules))

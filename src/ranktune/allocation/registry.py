@@ -138,6 +138,29 @@ class BuildContext:
             return batches
         return batches[self.args.process_index :: self.args.world_size]
 
+    def sampled_batches(self, count: int, draw: int) -> list[dict[str, Any]]:
+        """`count` global batches of training rows drawn at random without replacement, as batches of the
+        per-process size (count x world_size of them, the same list on every process: scoring shares them out).
+
+        The rows are a prefix of a permutation of the training set seeded by (the run's seed, `draw`): the same
+        rows whatever the number of processes, and other rows for another `draw`.
+
+        Raises:
+            RuntimeError: the method did not declare the `calibration_batches` capability.
+        """
+        if not self.calibration_allowed:
+            raise RuntimeError("this allocation method draws calibration batches: register it with that capability")
+        import torch
+
+        size = self.args.per_device_train_batch_size
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + draw)
+        order = torch.randperm(len(self.train_dataset), generator=generator)[: count * size * self.args.world_size]
+        chosen = order.tolist()
+        return [
+            self.collator([self.train_dataset[i] for i in chosen[start : start + size]])
+            for start in range(0, len(chosen), size)
+        ]
+
 
 @dataclass
 class AdaptedModel:

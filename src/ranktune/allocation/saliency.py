@@ -1,12 +1,14 @@
 """Zero-cost saliency proxies that score HeteroLoRA's candidates (higher = more important): LoRA modules and
 shortcut connections (`adapters/shortcuts.py`), each a low-rank pair A (r, in), B (out, r).
 
-All heuristics see the same N batches in dataset order. Under torch.distributed each process takes every
+All heuristics see the batches they are given: the first N in dataset order for `ranktune saliency`, a fresh
+seeded draw at each of the dynamic search's reallocations. Under torch.distributed each process takes every
 world_size-th batch and gradient sums are all-reduced before scoring, so every process computes the same scores.
 
 - constant: 1 for every module (selection is then the seeded tie-break: the random baseline).
-- grad_norm: ||Σ_b ∂L_b/∂A||_F + ||Σ_b ∂L_b/∂B||_F.
-- snip: Σ|A ⊙ Σ_b ∂L_b/∂A| + Σ|B ⊙ Σ_b ∂L_b/∂B|.
+- grad_norm: ||∂L/∂A||_F + ||∂L/∂B||_F, L the mean loss over the batches (so the score does not depend on how
+  the same rows are cut into batches or shared out among processes).
+- snip: Σ|A ⊙ ∂L/∂A| + Σ|B ⊙ ∂L/∂B|, L as for grad_norm.
 - synflow: every parameter replaced by its absolute value, an all-ones input embedding, R = the sum of the outputs;
   score Σ|A ⊙ ∂R/∂A| + Σ|B ⊙ ∂R/∂B|. A freshly initialised LoRA has B = 0, which makes every such score exactly 0
   (the reference logs 1e-26…1e-30); ranktune scores an all-zero B as if it held the constant 1/r, so the score
@@ -23,6 +25,8 @@ trained (the dynamic search's online scoring).
 
 from __future__ import annotations
 
+import math
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -142,9 +146,61 @@ def _gradient_scores(model: nn.Module, layers: dict[str, Candidate], batches: Se
     with torch.no_grad():
         for name, layer in layers.items():
             lora_a, lora_b = _factors(layer)
-            scores[name] = float(gradient_score(lora_a, lora_b, snip))
+            scores[name] = float(gradient_score(lora_a, lora_b, snip)) / len(batches)  # of the mean gradient
             lora_a.grad = lora_b.grad = None
     return scores
+
+
+def probe_directions(name: str, rank: int, in_features: int, seed: int) -> torch.Tensor:
+    """A fresh lora_A for the candidate `name`: PEFT's kaiming-uniform init (a = √5, entries within ±1/√in), drawn
+    from a generator seeded by (seed, name), so every process and every reallocation gets the same one.
+    Shape (rank, in_features)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    bound = 1.0 / math.sqrt(in_features)
+    return (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
+
+
+def fresh_gradient_scores(model: nn.Module, batches: Sequence[Batch], seed: int) -> dict[str, float]:
+    """grad_norm of every candidate as a freshly initialised module would score at the model as it is now.
+
+    A fresh module has B = 0, so ∂L/∂A = 0 and its grad_norm is ||∂L/∂B|| = scale · ||G A₀ᵀ||, with G = Σ ∂L/∂y xᵀ
+    the gradient of the mean loss over the batches with respect to the module's whole weight and A₀ a fresh A
+    (`probe_directions`). Each candidate gets a probe: a zero (out, r) tensor Z added through a forward hook as
+    scale · (x A₀ᵀ) Zᵀ, which adds nothing to the output and whose gradient is exactly that ∂L/∂B. The candidate's
+    own factors, trained or not, switched on or not, take no part in its score: enabled and disabled candidates
+    compete on the same terms.
+    """
+    layers = candidates(model)
+    probes: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}  # name: (A₀ (r, in), Z (out, r), scale)
+    handles = []
+
+    def hook_for(name: str) -> Callable:
+        def add_probe(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            directions, zero, scale = probes[name]
+            x = args[0].to(directions.dtype)  # (..., in)
+            return output + ((x @ directions.T) @ zero.T * scale).to(output.dtype)  # (..., out)
+
+        return add_probe
+
+    for name, layer in layers.items():
+        rank, device = layer.lora_a.shape[0], layer.lora_a.device
+        directions = probe_directions(name, rank, layer.in_features, seed).to(device, layer.lora_a.dtype)
+        zero = torch.zeros(layer.out_features, rank, device=device, dtype=layer.lora_a.dtype, requires_grad=True)
+        probes[name] = (directions, zero, _scale(layer.output))
+        handles.append(layer.output.register_forward_hook(hook_for(name)))
+    try:
+        zeros = [zero for _, zero, _ in probes.values()]
+        summed_gradients(model, zeros, _my_batches(batches))
+        return {name: float(zero.grad.norm()) / len(batches) for name, (_, zero, _) in probes.items()}
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _scale(module: nn.Module) -> float:
+    """The LoRA scale of a candidate's module: PEFT's per-adapter scaling or a shortcut connection's own."""
+    scaling = module.scaling
+    return float(scaling[ADAPTER] if isinstance(scaling, dict) else scaling)
 
 
 def _synflow(model: nn.Module, layers: dict[str, Candidate], batches: Sequence[Batch]) -> dict[str, float]:
@@ -229,16 +285,19 @@ def score_modules(
     batches: Sequence[Batch],
     heuristic: str,
     tolerance: float = 0.01,
+    fresh_seed: int | None = None,
 ) -> dict[str, float]:
     """Scores every candidate of `model` (LoRA modules, shortcut connections) with one heuristic over `batches`.
 
     Leaves no gradient behind on any parameter, so it can run before training or between optimizer steps.
 
     Args:
-        model: a PeftModel with every candidate enabled.
+        model: a PeftModel with every candidate enabled (with `fresh_seed`: as it is).
         batches: collated batches with labels, the same list on every process.
         heuristic: one of HEURISTICS.
         tolerance: alpha_test's relative loss tolerance.
+        fresh_seed: with grad_norm, score every candidate as a fresh module would score
+            (`fresh_gradient_scores`, its probe directions seeded by this).
 
     Returns:
         {module name in the base model: score}.
@@ -258,6 +317,8 @@ def score_modules(
                 "|B ⊙ dL/dB| is exactly 0 for all of them and a plan from it would be a random one; score before "
                 "training with grad_norm, synflow or alpha_test"
             )
+        if heuristic == "grad_norm" and fresh_seed is not None:
+            return fresh_gradient_scores(model, batches, fresh_seed)
         if heuristic in ("grad_norm", "snip"):
             return _gradient_scores(model, layers, batches, snip=heuristic == "snip")
         if heuristic == "synflow":

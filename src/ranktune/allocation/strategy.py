@@ -73,6 +73,9 @@ class AllocationStrategy(Protocol):
     def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> HistoryRow | None:
         """Runs after optimizer.step() and before zero_grad; returns a history row when ranks changed."""
 
+    def closing_note(self) -> str | None:
+        """A line the user should read when training ends (a search that never changed its mind), or None."""
+
     def totals(self) -> Totals:
         """Cheap enough for every log event."""
 

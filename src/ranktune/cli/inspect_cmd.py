@@ -32,7 +32,15 @@ def run(args: argparse.Namespace) -> int:
         read_module_ranks,
         read_shortcut_ranks,
     )
-    from ranktune.reports import enabled_share, plot_module_heatmap, plot_rank_evolution, plot_rank_heatmap, rank_table
+    from ranktune.reports import (
+        enabled_share,
+        format_reallocations,
+        plot_module_heatmap,
+        plot_rank_evolution,
+        plot_rank_heatmap,
+        rank_table,
+        reallocation_changes,
+    )
 
     adapter_dir = Path(args.adapter_dir)
     read_adapter_config(adapter_dir)
@@ -48,15 +56,23 @@ def run(args: argparse.Namespace) -> int:
 
     largest = max((m.rank for m in modules), default=0)
     serving = vllm_max_lora_rank(largest)
+    reallocations = adapter_dir / REALLOCATION_HISTORY
+    rows = []
+    if reallocations.is_file():
+        rows = [json.loads(line) for line in reallocations.read_text(encoding="utf-8").splitlines()]
     if args.json:
         report = {"adapter": str(adapter_dir), "modules": [m.to_dict() for m in modules], **module_totals(modules)}
         report.update(largest_rank=largest, vllm_max_lora_rank=serving)
+        if rows:
+            report["reallocations"] = reallocation_changes(rows)
         print(json.dumps(report))
     else:
         print(rank_table(modules))
         vllm = f"vLLM serves it with --max-lora-rank {serving}" if serving else "above what vLLM serves"
         cap = "`ranktune export --max-rank N` caps it"
         print(f"largest rank {largest}: engines pad every module to it ({vllm}; {cap})")
+        if rows:
+            print(format_reallocations(reallocation_changes(rows)))
     if args.plot:
         print(f"plot: {plot_rank_heatmap(modules, args.plot)}")
         history_path = adapter_dir / RANK_HISTORY
@@ -64,9 +80,7 @@ def run(args: argparse.Namespace) -> int:
             history = [json.loads(line) for line in history_path.read_text(encoding="utf-8").splitlines()]
             evolution = Path(args.plot).with_name(Path(args.plot).stem + "-evolution.png")
             print(f"plot: {plot_rank_evolution(history, evolution)}")
-        reallocations = adapter_dir / REALLOCATION_HISTORY
-        if reallocations.is_file():
-            rows = [json.loads(line) for line in reallocations.read_text(encoding="utf-8").splitlines()]
+        if rows:
             enabled = Path(args.plot).with_name(Path(args.plot).stem + "-enabled.png")
             share = enabled_share(rows)
             print(f"plot: {plot_module_heatmap(share, enabled, 'Share of reallocations enabled', 'share enabled')}")

@@ -31,7 +31,12 @@ class HeteroSettings(MethodSettings):
     """The dynamic search's knobs.
 
     `every` is a fraction of an epoch (float below 1) or a number of optimizer steps (int). `online: true` scores
-    from the training gradients themselves (grad_norm or snip) instead of `batches` extra forward/backward passes.
+    from the training gradients themselves (grad_norm or snip) instead of `batches` extra forward/backward passes,
+    which are drawn afresh from the training set at every reallocation. `scoring` says how offline grad_norm treats
+    candidates that have trained: `fresh` scores each as a freshly initialised module would score at the model as it
+    is (its own factors take no part, so enabled and disabled candidates compete on the same terms); `switched_on`
+    switches every candidate on and scores its own factors, which favours the modules already enabled (their trained
+    B gives them a ∂L/∂A that a disabled module at B = 0 lacks).
     """
 
     method: Literal["hetero"] = "hetero"
@@ -41,6 +46,7 @@ class HeteroSettings(MethodSettings):
     batches: int = Field(default=32, gt=0)
     online: bool = False
     shortcuts_mode: Literal["combined", "separated", "off"] = "combined"
+    scoring: Literal["fresh", "switched_on"] = "fresh"
 
     @model_validator(mode="after")
     def _online_needs_gradients(self) -> HeteroSettings:
@@ -54,12 +60,17 @@ class HeteroSettings(MethodSettings):
                 "first selection would be random and the modules it leaves out would never be chosen; use "
                 "online: true with snip, or another heuristic"
             )
+        if "scoring" in self.model_fields_set and (self.online or self.heuristic != "grad_norm"):
+            raise ValueError(
+                "scoring chooses how offline grad_norm treats trained candidates; with online scoring or another "
+                "heuristic it has no effect: remove it"
+            )
         return self
 
 
 def build(model: PreTrainedModel, config: RunConfig, context: BuildContext) -> AdaptedModel:
     """LoRA and shortcut connections as configured, each LoRA module gated on/off at its own rank (no reserve
-    capacity), and the search over them; offline scoring reads the first `batches` training batches."""
+    capacity), and the search over them; offline scoring draws `batches` training batches at each reallocation."""
     from ranktune.adapters.configured import attach_configured_lora
     from ranktune.adapters.shortcuts import find_shortcuts
     from ranktune.allocation.components import install_gates
@@ -68,9 +79,12 @@ def build(model: PreTrainedModel, config: RunConfig, context: BuildContext) -> A
     settings: HeteroSettings = config.allocation
     model = attach_configured_lora(model, config, context.gradient_checkpointing)
     modules = install_gates(model, 0)
-    batches = [] if settings.online else context.calibration_batches(settings.batches)
+
+    def draw_batches(step: int) -> list:
+        return context.sampled_batches(settings.batches, draw=step)
+
     strategy = HeteroStrategy(
-        model, modules, settings, batches, context.steps_per_epoch(), seed=context.seed, shortcuts=find_shortcuts(model)
+        model, modules, settings, draw_batches, context.steps_per_epoch(), context.seed, find_shortcuts(model)
     )
     return AdaptedModel(model, strategy)
 
