@@ -20,7 +20,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 BENCHMARKS_DOC = Path("docs/benchmarks.md")
-SECTIONS = ("overhead", "throughput")  # their order in the document
+SECTIONS = ("overhead", "fsdp", "throughput")  # their order in the document
 _HEADER = """# Benchmarks
 
 Speed and memory of ranktune, each section written by the script it names; every comparison ran side by side in one

@@ -1,4 +1,7 @@
-"""`ranktune train` under FSDP2 on CPU, for the tests: `torchrun ... fsdp_train.py DIGEST_DIR ranktune-args...`.
+"""`ranktune train` under FSDP2 on CPU: `torchrun ... benchmarks/fsdp_on_cpu.py OUT_DIR ranktune-args...`.
+
+Used by the FSDP tests (tests/distributed/test_fsdp.py) and the FSDP step-time benchmark
+(benchmarks/fsdp_overhead.py).
 
 accelerate applies FSDP only on GPUs and other accelerators; on CPU it silently trains a `training.fsdp` run as DDP
 (which `ranktune train` reports). So that the tests run FSDP2's real code (`fully_shard` over gloo: DTensor base
@@ -7,15 +10,21 @@ launcher makes accelerate's state say FSDP whenever an FSDP plugin was given; no
 
 After every optimizer step, each process appends a digest of its adapter tensors (every tensor whose name holds
 `lora_` or `shortcut`, masks and gates included), the number of sharded (DTensor) tensors in the model and the names
-of any sharded adapter tensor to DIGEST_DIR/digest-RANK.jsonl: the test compares the processes step by step.
+of any sharded adapter tensor to OUT_DIR/digest-RANK.jsonl: the test compares the processes step by step. With
+RANKTUNE_STEP_TIMES=1 it writes each optimizer step's wall time to OUT_DIR/steps-RANK.json instead (no digests).
+With RANKTUNE_SIGTERM_AT=RANK:STEP, process RANK sends itself a SIGTERM as optimizer step STEP begins (a signal
+that reaches one process only).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `benchmarks` from the repository
 
 import accelerate.state
 from accelerate.utils import DistributedType
@@ -41,6 +50,7 @@ def _record_digests(digest_dir: Path) -> None:
     from torch.distributed.tensor import DTensor
     from transformers import TrainerCallback
 
+    from benchmarks.common import StepTimer
     from ranktune.training.trainer import RanktuneTrainer
 
     class Digest(TrainerCallback):
@@ -64,10 +74,25 @@ def _record_digests(digest_dir: Path) -> None:
                 )
 
     original = RanktuneTrainer.__init__
+    timing = os.environ.get("RANKTUNE_STEP_TIMES") == "1"
+
+    signal_at = os.environ.get("RANKTUNE_SIGTERM_AT")  # "RANK:STEP": that process gets a SIGTERM as STEP begins
 
     def with_digest(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        self.add_callback(Digest())
+        self.add_callback(StepTimes() if timing else Digest())
+        if signal_at:
+            self.add_callback(SignalOneProcess())
+
+    class SignalOneProcess(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            rank, step = (int(part) for part in signal_at.split(":"))
+            if int(os.environ.get("RANK", "0")) == rank and state.global_step + 1 == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    class StepTimes(StepTimer):
+        def on_train_end(self, args, state, control, **kwargs):
+            (digest_dir / f"steps-{os.environ.get('RANK', '0')}.json").write_text(json.dumps(self.times))
 
     RanktuneTrainer.__init__ = with_digest
     torch.set_num_threads(1)

@@ -219,6 +219,12 @@ def _task_section(
             f"| {_mean_se(list(o.test(task).values()))} | {same.describe() if same else '—'} | "
             f"{curve_text} | {ratio} | {steps} |"
         )
+    by_name = {o.method.name: o for o in outcomes}
+    versus = [(o, by_name[o.method.versus]) for o in measured if o.method.versus in by_name]
+    for ours, theirs in versus:
+        pair = _pairs(task, ours, theirs)
+        gain = pair.describe() if pair else "fewer than 2 paired seeds so far"
+        lines += ["", f"{ours.method.label} against {theirs.method.label} (paired test {task.metric}): {gain}."]
     lines += [
         "",
         f"Gains are paired over seeds ({task.metric}, positive = better), ± their standard error, with the two-sided "

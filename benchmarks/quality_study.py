@@ -73,6 +73,9 @@ class Method:
         lr_factor: its grid is the task's grid times this (1 for all but a method with its own regime).
         frontier: part of LoRA's parameter curve.
         note: what it tests, in the report.
+        versus: the name of another method the report also pairs it with, seed by seed.
+        reallocate_every: for HeteroLoRA's search, the fraction of the run between reallocations (`every` is set to
+            that many of the task's steps; 1.0: only the selection before step 0).
     """
 
     name: str
@@ -82,6 +85,8 @@ class Method:
     lr_factor: float = 1.0
     frontier: bool = False
     note: str = ""
+    versus: str | None = None
+    reallocate_every: float | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,8 @@ def run_config(task: Task, method: Method, learning_rate: float, seed: int, outp
     """The full `ranktune train` config (a plain mapping) of one run."""
     sections = copy.deepcopy(method.sections)
     sections["lora"] = {**sections["lora"], **copy.deepcopy(task.lora)}
+    if method.reallocate_every is not None:
+        sections["allocation"]["every"] = max(1, round(method.reallocate_every * task.steps))
     return {
         "model": copy.deepcopy(task.model),
         "data": copy.deepcopy(task.data),
@@ -148,6 +155,12 @@ def _lora(r: int) -> dict[str, Any]:
 
 # L1RA's settings in the study: gates strong enough to prune within a few hundred steps, the budget in parameters.
 L1RA_SETTINGS = {"method": "l1ra", "l1ra_lambda": 0.3, "eta_c": 0.05, "rank_update_ratio": 0.1, "budget": "params"}
+
+
+# HeteroLoRA's search in the study: LoRA modules only (no shortcut connections), so the adapter is plain LoRA and
+# its parameters sit on LoRA's curve; a quarter of the r 8 pool is about LoRA r 2's parameters. The dynamic search
+# reallocates every quarter of the run (CPU profile: at steps 0, 75, 150 and 225); the static one never after step 0.
+HETERO_SEARCH = {"method": "hetero", "heuristic": "grad_norm", "keep": 0.25, "batches": 8}
 
 
 def methods(l1ra: bool = True) -> tuple[Method, ...]:
@@ -192,6 +205,25 @@ def methods(l1ra: bool = True) -> tuple[Method, ...]:
                 "allocation": {"method": "gradient", "rho": 2.0, "batches": 8, "init": "step", "init_steps": 10.0},
             },
             note="the gradient's ranks and A, and B where 10 Adam steps down its gradient would take it",
+        ),
+        Method(
+            "hetero-static-r2",
+            "HeteroLoRA static: a quarter of the r 8 pool",
+            2,
+            {"lora": _lora(8), "allocation": dict(HETERO_SEARCH)},
+            reallocate_every=1.0,
+            note="grad_norm over 8 batches before step 0 picks a quarter of the r 8 modules; the choice stays (the "
+            "same adapter as `ranktune saliency` + `plan`)",
+        ),
+        Method(
+            "hetero-dynamic-r2",
+            "HeteroLoRA dynamic: a quarter of the r 8 pool",
+            2,
+            {"lora": _lora(8), "allocation": dict(HETERO_SEARCH)},
+            reallocate_every=0.25,
+            note="the same quarter of the r 8 pool chosen again every quarter of the run, each time over 8 freshly "
+            "drawn batches, every candidate scored as a fresh module",
+            versus="hetero-static-r2",
         ),
         Method(
             "eva-r8",

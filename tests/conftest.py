@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import string
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,11 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 FAMILIES = ("llama", "gpt2", "opt", "bert")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest worker per core: a worker's tiny models gain nothing from intra-op threads, and
+    # two threads per worker would oversubscribe the cores.
+    torch.set_num_threads(1)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -18,7 +18,7 @@ from transformers import Trainer
 from trl import SFTTrainer
 
 from ranktune.adapters.layout import RANK_HISTORY
-from ranktune.allocation.callback import AllocationCallback
+from ranktune.allocation.callback import AllocationCallback, SynchronizedBeforeClipping
 from ranktune.allocation.components import install_gates
 from ranktune.allocation.l1ra import L1RAConfig, L1RAStrategy
 from ranktune.export import write_adapter
@@ -43,7 +43,7 @@ def _export(trainer: Trainer, output_dir: str | None) -> None:
         write_adapter(trainer.model, trainer.processing_class, output_dir or trainer.args.output_dir, factors)
 
 
-class L1RATrainer(WholeAdapterUnderFSDP, CheckpointFilesFirst, ReproducibleEpochs, Trainer):
+class L1RATrainer(SynchronizedBeforeClipping, WholeAdapterUnderFSDP, CheckpointFilesFirst, ReproducibleEpochs, Trainer):
     """transformers.Trainer with L1RA: `L1RATrainer(model=..., args=..., peft_config=L1RAConfig(...), ...)`."""
 
     def __init__(self, model: Any = None, *args: Any, peft_config: L1RAConfig, **kwargs: Any) -> None:
@@ -58,7 +58,9 @@ class L1RATrainer(WholeAdapterUnderFSDP, CheckpointFilesFirst, ReproducibleEpoch
         return _export(self, output_dir)
 
 
-class L1RASFTTrainer(WholeAdapterUnderFSDP, CheckpointFilesFirst, ReproducibleEpochs, SFTTrainer):
+class L1RASFTTrainer(
+    SynchronizedBeforeClipping, WholeAdapterUnderFSDP, CheckpointFilesFirst, ReproducibleEpochs, SFTTrainer
+):
     """trl.SFTTrainer with L1RA: `L1RASFTTrainer(model=..., args=SFTConfig(...), peft_config=L1RAConfig(...))`."""
 
     def __init__(self, model: Any = None, *args: Any, peft_config: L1RAConfig, **kwargs: Any) -> None:

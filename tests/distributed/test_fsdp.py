@@ -9,6 +9,7 @@ same global batch (or, for EVA, whose calibration batches are shared out per pro
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,8 +21,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-LAUNCHER = Path(__file__).with_name("fsdp_train.py")
+from tests.conftest import save_tiny_model
+
 REPO = Path(__file__).resolve().parents[2]
+LAUNCHER = REPO / "benchmarks" / "fsdp_on_cpu.py"
 FSDP = ["training.fsdp=true", "training.fsdp_config={fsdp_version: 2}"]
 
 METHODS = {
@@ -67,16 +70,21 @@ def write_run(folder: Path, model_dir: Path) -> Path:
     return path
 
 
-def train(config: Path, out: Path, *overrides: str, processes: int = 1, port: int = 29600) -> Path:
-    """Runs `ranktune train` through the launcher; returns the folder of its per-process digests."""
+def train(
+    config: Path, out: Path, *overrides: str, processes: int = 1, port: int = 29600, env: dict | None = None, code=0
+) -> Path:
+    """Runs `ranktune train` through the launcher, expecting exit code `code`; returns the folder of its
+    per-process digests."""
     digests = out.with_name(out.name + "-digests")
     digests.mkdir(parents=True, exist_ok=True)
     launch = [sys.executable]
     if processes > 1:
         launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port)]
     command = [*launch, str(LAUNCHER), str(digests), "train", str(config), f"output_dir={out}", *overrides]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}
+    )
+    assert result.returncode == code, result.stderr[-4000:]
     return digests
 
 
@@ -175,3 +183,45 @@ def test_fsdp2_with_gradient_accumulation_matches_one_process(make_model_dir, tm
     assert read_digests(digests, 0) == read_digests(digests, 1)
     train(config, tmp_path / "reference", *METHODS["l1ra"], "training.per_device_train_batch_size=8")
     assert_same_adapter(tmp_path / "fsdp", tmp_path / "reference", atol=5e-5)
+
+
+def test_a_signal_to_one_process_stops_every_process_after_the_same_step(make_model_dir, tmp_path):
+    """SIGTERM reaches process 1 alone as step 6 begins: both processes stop after step 6 and save its checkpoint
+    together (one stopping alone would leave the other waiting in step 7's all-gathers), and --resume ends where the
+    uninterrupted run ends."""
+    config = write_run(tmp_path, make_model_dir("llama"))
+    train(config, tmp_path / "whole", *METHODS["l1ra"], *FSDP, processes=2, port=29680)
+    interrupted = tmp_path / "interrupted"
+    signal = {"RANKTUNE_SIGTERM_AT": "1:6"}
+    # each process exits with 130 (interrupted, checkpoint saved), which torchrun reports as its own failure: 1
+    digests = train(config, interrupted, *METHODS["l1ra"], *FSDP, processes=2, port=29681, env=signal, code=1)
+    assert [row["step"] for row in read_digests(digests, 0)] == [1, 2, 3, 4, 5, 6]
+    assert read_digests(digests, 0) == read_digests(digests, 1)
+    assert sorted(p.name for p in interrupted.glob("checkpoint-*")) == ["checkpoint-6"]
+    train(config, interrupted, *METHODS["l1ra"], *FSDP, "--resume", processes=2, port=29682)
+    assert_same_adapter(tmp_path / "whole", interrupted, atol=0)
+
+
+def test_fsdp2_trains_a_bert_classifier_like_ddp(tmp_path):
+    """An encoder with a classification head under FSDP2 (L1RA): BERT lists its embeddings among the layers to
+    wrap, which accelerate then shards a second time (it failed before `sharding.layers_to_wrap`); the head, trained
+    in full, is kept whole like the adapter; the processes agree after every step and end as under DDP."""
+    # no dropout, so that nothing in the comparison is random
+    model_dir = save_tiny_model(
+        tmp_path / "bert", "bert", "classification", hidden_dropout_prob=0, attention_probs_dropout_prob=0
+    )
+    words = ["good", "great", "fine", "bad", "awful", "poor"]
+    rows = [{"text": f"it was {words[i % 6]} {i}", "label": "pos" if i % 6 < 3 else "neg"} for i in range(120)]
+    config = json.loads(write_run(tmp_path, model_dir).read_text())
+    (tmp_path / "labelled.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config["model"]["task"] = "classification"
+    config["data"] = {"train": str(tmp_path / "labelled.jsonl"), "max_length": 16}
+    path = tmp_path / "bert.yaml"
+    path.write_text(json.dumps(config))
+    digests = train(path, tmp_path / "fsdp", *METHODS["l1ra"], *FSDP, processes=2, port=29690)
+    rank0, rank1 = read_digests(digests, 0), read_digests(digests, 1)
+    assert rank0 == rank1 and rank0[0]["sharded"] > 0 and not any(row["sharded_adapter"] for row in rank0)
+    # The reference is DDP: this tiny random encoder's gradients are so small that Adam's first steps (g / (|g| +
+    # eps)) turn the reduction-order differences of a one-process run into visible ones.
+    train(path, tmp_path / "reference", *METHODS["l1ra"], processes=2, port=29691)
+    assert_same_adapter(tmp_path / "fsdp", tmp_path / "reference", atol=1e-6)

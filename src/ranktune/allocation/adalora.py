@@ -156,6 +156,9 @@ class AdaLoRAStrategy:
             return {name: int(layer.r[ADAPTER]) for name, layer in self.layers.items()}
         return {name: sum(self.masks[f"{name}.lora_E.{ADAPTER}"]) for name in self.layers}
 
+    def synchronize_gradients(self) -> None:
+        """Nothing of its own: its tensors' gradients are averaged with the adapter's."""
+
     def closing_note(self) -> str | None:
         return None
 

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -64,6 +65,10 @@ class AllocationCallback(TrainerCallback):
             load_allocation_state(self.strategy, Path(self.resume_from) / ALLOCATION_STATE)
         elif state.global_step == 0:
             self._record(state, first or HistoryRow(0, self.strategy.summary()))
+
+    def synchronize_gradients(self) -> None:
+        """Called by `SynchronizedBeforeClipping` once a step's gradients are complete, before clipping."""
+        self.strategy.synchronize_gradients()
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.strategy.before_optimizer_step()
@@ -120,3 +125,16 @@ def load_allocation_state(strategy: AllocationStrategy, path: Path) -> None:
 
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())[:300]
+
+
+class SynchronizedBeforeClipping:
+    """Trainer mixin: before the Trainer clips gradients by their global norm, the allocation strategy averages
+    the gradients of its own tensors across processes (`AllocationStrategy.synchronize_gradients`). Without it, a
+    distributed run whose clipping is active clips each process by a different norm and the processes drift apart.
+    Put it before the Trainer class in the bases."""
+
+    def _clip_grad_norm(self, model: torch.nn.Module) -> Any:
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, AllocationCallback):
+                callback.synchronize_gradients()
+        return super()._clip_grad_norm(model)

@@ -39,6 +39,9 @@ class FixedRanks:
     def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> HistoryRow | None:
         return None
 
+    def synchronize_gradients(self) -> None:
+        """Nothing of its own: its tensors' gradients are averaged with the adapter's."""
+
     def closing_note(self) -> str | None:
         return None
 

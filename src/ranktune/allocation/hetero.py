@@ -185,6 +185,9 @@ class HeteroStrategy:
             )
         return None
 
+    def synchronize_gradients(self) -> None:
+        """Nothing of its own: its tensors' gradients are averaged with the adapter's."""
+
     def totals(self) -> Totals:
         sizes = [self._rank_and_cost(name) for name in self.enabled]
         return Totals(sum(rank for rank, _ in sizes), sum(rank * cost for rank, cost in sizes))

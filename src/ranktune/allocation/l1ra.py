@@ -93,6 +93,7 @@ class L1RAStrategy:
         self.gates = [m.lora_A.lora_gate for m in modules]
         self.gate_optimizer = torch.optim.Adam(self.gates, lr=settings.eta_c)
         self.generator = torch.Generator().manual_seed(seed)
+        self._synchronized = False  # the gates' gradients of this step are averaged across processes
         self.unspent = 0
         self.update_every = 1
         self.first_update = 1
@@ -109,6 +110,21 @@ class L1RAStrategy:
         self.first_update = max(self.update_every, warmup_steps)
         return None
 
+    @torch.no_grad()
+    def synchronize_gradients(self) -> None:
+        """Averages the gates' gradients across processes in one all-reduce. The gates are switched on after the
+        distributed wrapper was built, so it does not average them; before clipping reads every gradient's norm,
+        they must be the same on every process."""
+        if self._synchronized or not (dist.is_available() and dist.is_initialized()):
+            return
+        grads = [g.grad if g.grad is not None else torch.zeros_like(g) for g in self.gates]
+        flat = torch.cat(grads)  # (sum of capacities,)
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for gate, grad in zip(self.gates, flat.split([g.numel() for g in self.gates]), strict=True):
+            gate.grad = grad.view_as(gate)
+        self._synchronized = True
+
     def before_optimizer_step(self) -> None:
         """Nothing to do: the gates step after the optimizer has stepped A and B."""
 
@@ -118,14 +134,11 @@ class L1RAStrategy:
     @torch.no_grad()
     def gate_step(self) -> None:
         """Adam on the gates at a constant rate, then soft-threshold and projection onto [0, 1]."""
-        grads = [g.grad if g.grad is not None else torch.zeros_like(g) for g in self.gates]
-        if dist.is_available() and dist.is_initialized():
-            flat = torch.cat(grads)  # (sum of capacities,)
-            dist.all_reduce(flat)
-            flat /= dist.get_world_size()
-            grads = list(flat.split([g.numel() for g in self.gates]))
-        for gate, grad in zip(self.gates, grads, strict=True):
-            gate.grad = grad
+        self.synchronize_gradients()  # done already when the trainer clipped gradients
+        self._synchronized = False
+        for gate in self.gates:
+            if gate.grad is None:
+                gate.grad = torch.zeros_like(gate)
         self.gate_optimizer.step()
         shrink = self.settings.eta_c * self.settings.l1ra_lambda
         for gate in self.gates:

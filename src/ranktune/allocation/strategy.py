@@ -67,6 +67,11 @@ class AllocationStrategy(Protocol):
         history record when it already allocated (HeteroLoRA's first selection). `resuming`: the state will be
         loaded from a checkpoint next."""
 
+    def synchronize_gradients(self) -> None:
+        """Averages across processes the gradients of the strategy's own tensors that the distributed wrapper does
+        not (L1RA's gates), when the step's gradients are complete and before clipping reads their norm: every
+        process then clips by the same norm, as one process with the global batch does."""
+
     def before_optimizer_step(self) -> None:
         """Runs after gradients are complete (and clipped), before optimizer.step()."""
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ranktune.adapters.layout import SHORTCUTS_CONFIG, SHORTCUTS_WEIGHTS
@@ -62,7 +64,8 @@ class StopOnSignal(TrainerCallback):
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.received: int | None = None
+        self.received: int | None = None  # the signal this process got
+        self.stopped = False  # training stopped for a signal, on this process or (distributed) another
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -75,9 +78,21 @@ class StopOnSignal(TrainerCallback):
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if self.received is not None:
+        if self._any_process_received(args):
+            self.stopped = True
             control.should_save = True
             control.should_training_stop = True
+
+    def _any_process_received(self, args: TrainingArguments) -> bool:
+        """Whether any process got a signal: under torch.distributed every process stops after the same step (one
+        that stopped alone would leave the others waiting in the next step's collectives, and their checkpoint
+        would hold two different steps), at the cost of one one-element all-reduce per optimizer step."""
+        received = self.received is not None
+        if not (dist.is_available() and dist.is_initialized()):
+            return received
+        flag = torch.tensor([float(received)], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         """The step's checkpoint is saved: no epoch-end evaluation and no second save into the same folder.
@@ -86,7 +101,7 @@ class StopOnSignal(TrainerCallback):
         evaluate (after the user asked to stop) and rewrite the checkpoint in place, with the RNG state that
         evaluation left (which the uninterrupted run did not have at this step) and open to a second signal.
         """
-        if self.received is not None:
+        if self.stopped:
             control.should_evaluate = False
             control.should_save = False
 

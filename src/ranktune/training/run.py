@@ -309,11 +309,11 @@ def run_training(session: TrainingSession, checkpoint: str | None, output_dir: P
         train_output = trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         stopper.restore()
-    if stopper.received is not None and trainer.state.global_step < trainer.state.max_steps:
+    if stopper.stopped and trainer.state.global_step < trainer.state.max_steps:
         last = output_dir / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+        cause = f"signal {stopper.received}" if stopper.received is not None else "a signal to another process"
         raise TrainingInterrupted(
-            f"training stopped by signal {stopper.received}; checkpoint saved to {last}; "
-            "continue with `ranktune train CONFIG --resume`"
+            f"training stopped by {cause}; checkpoint saved to {last}; continue with `ranktune train CONFIG --resume`"
         )  # a signal after the last step stops nothing: the adapter is written as usual
     return {**train_output.metrics, **_final_validation(trainer, trainer.eval_dataset is not None)}
 

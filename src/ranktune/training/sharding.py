@@ -147,6 +147,17 @@ def check_plugin(plugin, model: nn.Module | None = None) -> None:
             )
 
 
+def layers_to_wrap(model: nn.Module) -> list[str]:
+    """The model's `_no_split_modules` classes that it has, less those holding the input embedding: each becomes
+    one FSDP unit. accelerate shards the input embedding as a unit of its own after the auto-wrap, and fails when
+    the embedding already sits in a wrapped unit (BERT names `BertEmbeddings` among its `_no_split_modules`)."""
+    names = getattr(model, "_no_split_modules", None) or []
+    embedding = model.get_input_embeddings()
+    holders = {type(module).__name__ for module in model.modules() if any(m is embedding for m in module.modules())}
+    present = {type(module).__name__ for module in model.modules()}
+    return [name for name in names if name in present and name not in holders]
+
+
 class WholeAdapterUnderFSDP:
     """Trainer mixin: under FSDP2 the adapter's modules are left out of the shards and its gradients averaged by
     `AverageReplicatedGradients`. Put it before the Trainer class in the bases."""
@@ -194,6 +205,8 @@ class WholeAdapterUnderFSDP:
             ignored = [module for name, module in self.model.named_modules() if re.fullmatch(ignored, name)]
         owners = adapter_modules(self.model)
         plugin.ignored_modules = [*ignored, *(module for module in owners if module not in ignored)]
+        if plugin.transformer_cls_names_to_wrap is None:
+            plugin.transformer_cls_names_to_wrap = layers_to_wrap(self.model)
         if not any(isinstance(c, AverageReplicatedGradients) for c in self.callback_handler.callbacks):
             self.add_callback(AverageReplicatedGradients(self.accelerator))
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from transformers import Trainer
 
+from ranktune.allocation.callback import SynchronizedBeforeClipping
 from ranktune.training.checkpoints import CheckpointFilesFirst
 from ranktune.training.reproducible import ReproducibleEpochs
 from ranktune.training.sharding import WholeAdapterUnderFSDP
 
 
-class RanktuneTrainer(WholeAdapterUnderFSDP, CheckpointFilesFirst, ReproducibleEpochs, Trainer):
+class RanktuneTrainer(
+    SynchronizedBeforeClipping, WholeAdapterUnderFSDP, CheckpointFilesFirst, ReproducibleEpochs, Trainer
+):
     """Writes its callbacks' checkpoint files before the Trainer's own (`training/checkpoints.py`), draws its
     random numbers so that a resumed run continues exactly (`training/reproducible.py`), and under FSDP2 shards the
     base model only (`training/sharding.py`)."""
