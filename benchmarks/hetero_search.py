@@ -59,13 +59,13 @@ def run_one(task_name: str, variant: str, seed: int, learning_rate: float, work:
     task = next(t for t in cpu_profile().tasks if t.name == task_name)
     folder = work / task_name / f"{variant}-lr{learning_rate:g}-seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
-    config_path = folder.with_suffix(".yaml")
+    config_path = folder.parent / f"{folder.name}.yaml"  # not with_suffix: the name holds the learning rate's dot
     config_path.write_text(json.dumps(variant_config(task_name, variant, seed, learning_rate, folder)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if variant == "before":
         env["PYTHONPATH"] = str(before / "src")  # ahead of the editable install's path
     command = [sys.executable, "-m", "ranktune"]
-    with folder.with_suffix(".log").open("w") as log:
+    with (folder.parent / f"{folder.name}.log").open("w") as log:
         subprocess.run([*command, "train", str(config_path), "--overwrite"], env=env, stdout=log, stderr=log,
                        check=True)  # fmt: skip
         argv = ["eval", str(folder), "--data", assets.resolve(task.test), "--json", "--batch-size", "64"]

@@ -212,8 +212,8 @@ def methods(l1ra: bool = True) -> tuple[Method, ...]:
             2,
             {"lora": _lora(8), "allocation": dict(HETERO_SEARCH)},
             reallocate_every=1.0,
-            note="grad_norm over 8 batches before step 0 picks a quarter of the r 8 modules; the choice stays (the "
-            "same adapter as `ranktune saliency` + `plan`)",
+            note="grad_norm over 8 batches before step 0 picks a quarter of the r 8 modules and the choice stays (what "
+            "`ranktune saliency` + `plan` give)",
         ),
         Method(
             "hetero-dynamic-r2",
