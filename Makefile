@@ -12,7 +12,7 @@ PYTEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ranktune-installed
 
-.PHONY: setup demo test lint quality test-engines clean
+.PHONY: setup demo test lint quality test-engines test-deepspeed clean
 
 setup: $(STAMP)
 
@@ -40,9 +40,26 @@ quality: setup
 test-engines: setup
 	$(BIN)/python -m benchmarks.engines --check
 
+# DeepSpeed ZeRO-2 / ZeRO-3 with 2 real processes (tests/distributed/test_deepspeed.py), in an environment of its own
+# with the deepspeed package (built once, a few minutes); DeepSpeed compiles its CPU communication op on the first run
+# (about 7 minutes on 2 cores). On a machine with GPUs: make test-deepspeed DS_ACCELERATOR=cuda
+DS_VENV ?= .venv-deepspeed
+DS_ACCELERATOR ?= cpu
+DS_STAMP := $(DS_VENV)/.ranktune-installed
+
+$(DS_STAMP): pyproject.toml
+	@test -x $(DS_VENV)/bin/python || $(PYTHON) -m venv $(DS_VENV)
+	$(DS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(DS_VENV)/bin/python -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	DS_BUILD_OPS=0 $(DS_VENV)/bin/python -m pip install --quiet -e ".[dev,deepspeed]"
+	@touch $(DS_STAMP)
+
+test-deepspeed: $(DS_STAMP)
+	DS_ACCELERATOR=$(DS_ACCELERATOR) $(DS_VENV)/bin/python -m pytest --durations=0 tests/distributed/test_deepspeed.py $(PYTEST_ARGS)
+
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DS_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -385,10 +385,10 @@ CASES: list[Case] = [
         after=_output_dir_untouched,
     ),
     Case(
-        "DeepSpeed",
-        lambda ws: ["train", ws.config(), "training.deepspeed=ds_config.json"],
+        "DeepSpeed with a method that edits the adapter during training",
+        lambda ws: ["train", ws.config(), "training.deepspeed=ds_config.json", "allocation={method: l1ra}"],
         2,
-        ("training.deepspeed: DeepSpeed is not supported", "training.fsdp: true"),
+        ("allocation.method 'l1ra' with DeepSpeed is not supported", "training.fsdp: true (FSDP2)", "eva"),
         after=_output_dir_untouched,
     ),
     Case(

@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 
 from ranktune.config import RunConfig
 from ranktune.errors import UserInputError
+from ranktune.training.zero import check_deepspeed, deepspeed_requested
 
 
 def _mixed_precision(user: dict[str, Any]) -> dict[str, bool]:
@@ -71,10 +72,8 @@ def build_training_arguments(config: RunConfig, output_dir: Path, has_validation
             "training.use_cache: true with data.packing: the KV cache disables the per-example attention mask "
             "that keeps packed examples apart; drop use_cache or set data.packing: false"
         )
-    if values.get("deepspeed"):  # before TrainingArguments, which asks for the deepspeed package first
-        from ranktune.training.sharding import DEEPSPEED_REFUSAL
-
-        raise UserInputError(f"training.deepspeed: {DEEPSPEED_REFUSAL}: training.fsdp: true")
+    if deepspeed_requested(values):  # before TrainingArguments, which asks for the deepspeed package first
+        values = check_deepspeed(config, values)
     try:
         args = TrainingArguments(output_dir=str(output_dir), **values)
     except (ValueError, TypeError, ImportError) as error:

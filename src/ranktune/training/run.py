@@ -42,6 +42,7 @@ from ranktune.training.outputs import (
     save_resolved_config,
 )
 from ranktune.training.trainer import RanktuneTrainer
+from ranktune.training.zero import gathered_adapter, zero3_enabled
 
 
 class TrainingInterrupted(RanktuneError):
@@ -178,10 +179,11 @@ def _train_in(config: RunConfig, output_dir: Path, resume: bool, earlier: Earlie
     test_after = session.test_metrics()
     if test_after:
         progress(f"test after training:  {format_metrics(test_after)}")
-    if not session.main_process:
-        return TrainResult(output_dir, metrics)
-    report = {"metrics": metrics, "test_before": test_before, "test_after": test_after}
-    info = export_adapter(config, run, session, output_dir, report)
+    with gathered_adapter(session.adapted.model):  # ZeRO-3: every process takes part in gathering the adapter
+        if not session.main_process:
+            return TrainResult(output_dir, metrics)
+        report = {"metrics": metrics, "test_before": test_before, "test_after": test_after}
+        info = export_adapter(config, run, session, output_dir, report)
     return TrainResult(output_dir, metrics, test_before, test_after, info)
 
 
@@ -280,9 +282,9 @@ def build_trainer(
     test = run.datasets.get("test")
 
     def test_metrics() -> dict[str, Any] | None:
-        # A model sharded by FSDP runs a forward pass only with every process taking part: each scores the test set
-        # (the same batches everywhere, so the collectives pair up).
-        if test is None or not (trainer.is_world_process_zero() or trainer.is_fsdp_enabled):
+        # A model sharded by FSDP or ZeRO-3 runs a forward pass only with every process taking part: each scores the
+        # test set (the same batches everywhere, so the collectives pair up).
+        if test is None or not (trainer.is_world_process_zero() or trainer.is_fsdp_enabled or zero3_enabled()):
             return None
         metrics = evaluate(adapted.model, test, collator, task, num_labels, args.per_device_eval_batch_size)
         return metrics if trainer.is_world_process_zero() else None

@@ -98,10 +98,6 @@ FSDP1_REFUSAL = (
 )
 
 
-DEEPSPEED_REFUSAL = (
-    "DeepSpeed is not supported by ranktune (ZeRO-3 partitions the adapter tensors that allocation methods edit in "
-    "place, and no DeepSpeed path is tested); shard with FSDP2 instead"
-)
 QUANTIZED_REFUSAL = "a quantized base is not tested under FSDP2; train it on one GPU or with DDP"
 
 
@@ -164,11 +160,6 @@ class WholeAdapterUnderFSDP:
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
-        if self.is_deepspeed_enabled:  # from an accelerate config (training.deepspeed is refused earlier)
-            raise UserInputError(
-                f"accelerate's {DEEPSPEED_REFUSAL} (distributed_type: FSDP, fsdp_version: 2; "
-                "examples/accelerate/fsdp2.yaml)"
-            )
         if not self.is_fsdp_enabled and self.args.fsdp:
             progress(
                 "training.fsdp: accelerate shards models on GPUs and other accelerators only; this CPU run is plain "
