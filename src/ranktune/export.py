@@ -84,7 +84,9 @@ _LORA_FACTOR = re.compile(r"\.lora_[AB]\.")
 def _save_converted(model: PeftModel, initial_adapter: Path, staging: Path) -> None:
     """PEFT's conversion of a PiSSA / OLoRA adapter for the original base (the trained factors minus the initial
     ones, rank 2r), with the tensors the conversion leaves out (a classifier head, other modules_to_save) put back."""
-    model.save_pretrained(staging, path_initial_model_for_weight_conversion=str(initial_adapter))
+    model.save_pretrained(
+        staging, path_initial_model_for_weight_conversion=str(initial_adapter), save_embedding_layers=False
+    )
     converted = load_file(str(staging / ADAPTER_WEIGHTS))
     whole = get_peft_model_state_dict(model)
     kept = {key: value for key, value in whole.items() if key not in converted and not _LORA_FACTOR.search(key)}
@@ -125,7 +127,7 @@ def write_adapter(
         elif initial_adapter is not None:
             _save_converted(model, initial_adapter, staging)
         else:
-            model.save_pretrained(staging)
+            model.save_pretrained(staging, save_embedding_layers=False)  # ranktune never resizes the vocabulary
         if shortcuts is not None and any(c.enabled for _, c in shortcuts.named_connections()):
             write_shortcuts(shortcuts, staging)
         if tokenizer is not None:

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from ranktune.adapters.layout import module_types, read_module_ranks
@@ -44,6 +45,25 @@ def test_written_adapter_loads_in_plain_peft_with_same_logits(adapted, tokenizer
         torch.testing.assert_close(reloaded(ids).logits, peft_model(ids).logits, rtol=0, atol=1e-6)
         base_logits = AutoModelForCausalLM.from_pretrained(folder)(ids).logits
     assert not torch.allclose(base_logits, reloaded(ids).logits)
+
+
+def test_lora_on_the_embedding_exports_its_factors_without_the_base_embedding(make_model_dir, tokenizer, tmp_path):
+    """PEFT's default would copy the base model's whole input embedding into the adapter when LoRA targets it."""
+    folder = make_model_dir("llama")
+    settings = LoraSettings(r=2, target_modules=["q_proj", "embed_tokens"])
+    peft_model = attach_peft(AutoModelForCausalLM.from_pretrained(folder), build_lora_config(settings, "causal_lm"))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                parameter.normal_(std=0.5)
+    write_adapter(peft_model, tokenizer, tmp_path / "out")
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert not [key for key in saved if "base_layer" in key or key.endswith("embed_tokens.weight")]
+    assert sum("lora_embedding_A" in key for key in saved) == 1
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "out").eval()
+    ids = torch.tensor([tokenizer("some text").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, peft_model.eval()(ids).logits, rtol=0, atol=1e-6)
 
 
 def test_module_ranks_read_from_tensors(adapted, tokenizer, tmp_path):

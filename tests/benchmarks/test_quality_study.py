@@ -43,7 +43,24 @@ def test_cpu_profile_schedules_are_long_enough_and_budgets_match():
     for method in profile.methods:  # a parameter-budget method runs on the LoRA rank it is matched to
         if method.sections["allocation"]["method"] in ("gradient", "l1ra"):
             assert method.sections["lora"]["r"] == method.budget_r
-    assert {m.budget_r for m in profile.methods if not m.frontier} == {2, 8}
+    assert {m.budget_r for m in profile.methods if not (m.frontier or m.baseline)} == {1, 2, 8}
+    names = {m.name for m in profile.methods}
+    assert all(m.peer in names for m in profile.methods if m.peer)
+
+
+def test_the_placements_below_r1_adapt_the_modules_they_name():
+    """PEFT matches the study's regex targets; MiniLM's names are BERT's, SmolLM2's llama's."""
+    import re
+
+    from benchmarks.quality_study import below_r1
+
+    bert = [f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(6) for p in ("query", "key", "value")]
+    bert += [f"bert.encoder.layer.{i}.{p}.dense" for i in range(6) for p in ("attention.output", "intermediate")]
+    llama = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(30) for p in "qkvo"]
+    targets = {m.name: m.sections["lora"]["target_modules"] for m in below_r1() if m.baseline}
+    for names, expected in ((bert, (12, 1)), (llama, (60, 1))):
+        matched = [sum(bool(re.fullmatch(targets[key], n)) for n in names) for key in ("lora-qv-r1", "lora-one-r1")]
+        assert tuple(matched) == expected
 
 
 def test_extension_goes_past_an_edge_twice_at_most():

@@ -37,6 +37,7 @@ METHODS = {
     ),
     "eva": ("allocation={method: eva, rho: 2.0, batches: 4}",),
     "gradient": ("allocation={method: gradient, rho: 2.0, batches: 4}",),
+    "embedding": ("allocation={method: none}", "lora.target_modules=[q_proj, v_proj, embed_tokens]"),
     "gradient-l1ra": (
         "allocation={method: l1ra, l1ra_lambda: 3.0, eta_c: 0.05, rank_update_ratio: 0.125, "
         "start: {method: gradient, rho: 2.0, batches: 4}}",

@@ -7,19 +7,24 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import pickle
 
 import pytest
+import torch
 
 from ranktune.config import validate_config
 from ranktune.errors import UserInputError
 from ranktune.training import zero
-from ranktune.training.zero import check_deepspeed, deepspeed_requested
+from ranktune.training.zero import check_deepspeed, deepspeed_requested, load_weights_only
 
 
 def config(allocation: str = "none", **sections):
     return validate_config(
         {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "allocation": {"method": allocation}, **sections}
     )
+
+
+ZERO2 = {"zero_optimization": {"stage": 2}}
 
 
 @pytest.fixture
@@ -32,8 +37,9 @@ def deepspeed_installed(monkeypatch):
 def test_requested_by_the_training_section_or_by_accelerate(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     assert deepspeed_requested({"deepspeed": "ds.json"}) and not deepspeed_requested({"fsdp": True})
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    assert deepspeed_requested({})
+    for value in ("true", "1", "yes"):  # as transformers reads it
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", value)
+        assert deepspeed_requested({})
 
 
 @pytest.mark.parametrize(
@@ -62,7 +68,7 @@ def test_hetero_is_refused_too(deepspeed_installed):
         }
     )
     with pytest.raises(UserInputError, match="'hetero' with DeepSpeed is not supported"):
-        check_deepspeed(hetero, {"deepspeed": {}})
+        check_deepspeed(hetero, {"deepspeed": ZERO2})
 
 
 @pytest.mark.parametrize(
@@ -74,19 +80,19 @@ def test_hetero_is_refused_too(deepspeed_installed):
 )
 def test_untested_combinations_are_refused(sections, expected, deepspeed_installed):
     with pytest.raises(UserInputError, match=expected):
-        check_deepspeed(config(**sections), {"deepspeed": {}})
+        check_deepspeed(config(**sections), {"deepspeed": ZERO2})
 
 
 def test_fsdp_and_deepspeed_together_are_refused(deepspeed_installed):
     with pytest.raises(UserInputError, match=r"training\.deepspeed and training\.fsdp both shard the model"):
-        check_deepspeed(config(), {"deepspeed": {}, "fsdp": True})
+        check_deepspeed(config(), {"deepspeed": ZERO2, "fsdp": True})
 
 
 def test_a_missing_package_says_how_to_install_it(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(zero.importlib.util, "find_spec", lambda name: None if name == "deepspeed" else real(name))
     with pytest.raises(UserInputError, match=r"pip install 'ranktune\[deepspeed\]'"):
-        check_deepspeed(config(), {"deepspeed": {}})
+        check_deepspeed(config(), {"deepspeed": ZERO2})
 
 
 def test_a_config_file_is_read_and_completed(tmp_path, deepspeed_installed):
@@ -110,10 +116,57 @@ def test_zero3_without_whole_adapter_checkpoints_is_refused(deepspeed_installed)
         check_deepspeed(config(), values)
 
 
-def test_deepspeed_from_an_accelerate_config_is_refused(monkeypatch, deepspeed_installed):
+def test_deepspeed_from_an_accelerate_config_is_refused_first(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(UserInputError, match="DeepSpeed from an accelerate config is not tested"):
-        check_deepspeed(config(), {})
+        check_deepspeed(config("l1ra"), {"fsdp": True})
+
+
+@pytest.mark.parametrize("zero_optimization", [None, {"stage": 0}, {"stage": 1}])
+def test_zero_stages_other_than_2_and_3_are_refused(zero_optimization, deepspeed_installed):
+    deepspeed = {"train_batch_size": 8} if zero_optimization is None else {"zero_optimization": zero_optimization}
+    with pytest.raises(UserInputError, match=r"zero_optimization\.stage \d is not tested by ranktune; expected 2 or 3"):
+        check_deepspeed(config(), {"deepspeed": deepspeed})
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"checkpoint": {"load_universal": True}}, "checkpoint.load_universal"),
+        ({"checkpoint": {"writer": {"type": "fast"}}}, "checkpoint.writer"),
+        ({"datastates_ckpt": {}}, "datastates_ckpt"),
+    ],
+)
+def test_checkpoint_loaders_that_unpickle_are_refused(extra, named, deepspeed_installed):
+    deepspeed = {"zero_optimization": {"stage": 2}, **extra}
+    with pytest.raises(UserInputError, match=f"{named} reads checkpoints with a loader that unpickles"):
+        check_deepspeed(config(), {"deepspeed": deepspeed})
+
+
+class WritesAFile:
+    """Unpickled without weights_only, it creates a file: the proof that loading ran code."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (type(self.path).touch, (self.path,))
+
+
+def test_checkpoint_files_are_read_weights_only(tmp_path):
+    tensors = tmp_path / "state.pt"
+    torch.save({"step": 3, "exp_avg": torch.ones(2)}, tensors)
+    loaded = load_weights_only(str(tensors), allowed=[])
+    assert loaded["step"] == 3 and torch.equal(loaded["exp_avg"], torch.ones(2))
+
+    hostile, marker = tmp_path / "optim_states.pt", tmp_path / "code-ran"
+    with hostile.open("wb") as stream:
+        pickle.dump({"optimizer_state_dict": WritesAFile(marker)}, stream)  # the legacy format DeepSpeed writes
+    with pytest.raises(UserInputError) as error:
+        load_weights_only(str(hostile), allowed=[])
+    assert not marker.exists()
+    assert "holds pickled objects other than tensors" in str(error.value)
+    assert "(Unsupported operand" in str(error.value) or "was not an allowed global" in str(error.value)
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ from ranktune.training.outputs import (
     save_resolved_config,
 )
 from ranktune.training.trainer import RanktuneTrainer
-from ranktune.training.zero import gathered_adapter, zero3_enabled
+from ranktune.training.zero import gathered_adapter, partitioned
 
 
 class TrainingInterrupted(RanktuneError):
@@ -282,9 +282,10 @@ def build_trainer(
     test = run.datasets.get("test")
 
     def test_metrics() -> dict[str, Any] | None:
-        # A model sharded by FSDP or ZeRO-3 runs a forward pass only with every process taking part: each scores the
-        # test set (the same batches everywhere, so the collectives pair up).
-        if test is None or not (trainer.is_world_process_zero() or trainer.is_fsdp_enabled or zero3_enabled()):
+        # A model sharded by FSDP or partitioned by ZeRO-3 runs a forward pass only with every process taking part:
+        # each scores the test set (the same batches everywhere, so the collectives pair up).
+        together = trainer.is_fsdp_enabled or partitioned(adapted.model)
+        if test is None or not (trainer.is_world_process_zero() or together):
             return None
         metrics = evaluate(adapted.model, test, collator, task, num_labels, args.per_device_eval_batch_size)
         return metrics if trainer.is_world_process_zero() else None
