@@ -144,7 +144,15 @@ def _task_section(
     if not any(o.grid for o in outcomes):
         return [], None
     frontier = [o for o in outcomes if o.method.frontier]
+    by_name = {o.method.name: o for o in outcomes}
     lora_at = {o.method.budget_r: o for o in frontier}
+
+    def peer_of(method: Method) -> Outcome | None:
+        return by_name.get(method.peer) if method.peer else lora_at.get(method.budget_r)
+
+    def budget_of(method: Method) -> str:
+        return by_name[method.peer].method.label if method.peer in by_name else f"r {method.budget_r}"
+
     mean_curve = _mean_curve(task, frontier)
     lora8 = lora_at.get(8)
     target = None
@@ -173,6 +181,7 @@ def _task_section(
     summary = TaskSummary("none", False, False, False, complete=len(finished) == len(outcomes))
     measured = [o for o in outcomes if o.runs]
     curves = {o.method.name: _curve_pairs(task, o, frontier) for o in measured if not o.method.frontier}
+    curves = {name: c for name, c in curves.items() if not by_name[name].method.baseline}  # Holm: ours only
     tested = [name for name, c in curves.items() if c is not None and not math.isnan(c.p)]
     adjusted = dict(zip(tested, holm([curves[name].p for name in tested]), strict=True))
     lora8_mean = None
@@ -185,13 +194,14 @@ def _task_section(
         if o.at_edge:
             tried += " (chosen at the grid's edge after its extensions)"
         if not o.runs:
-            lines.append(f"| {o.method.label} | r {o.method.budget_r} | — | — | {tried or 'not run yet'} | 0 | — "
+            lines.append(f"| {o.method.label} | {budget_of(o.method)} | — | — | {tried or 'not run yet'} | 0 | — "
                          "| — | — | — | — |")  # fmt: skip
             continue
         first = next(iter(o.runs.values()))
         ranks = f"{first['total_rank']} ({first['rank_range'][0]}–{first['rank_range'][1]})"
-        peer = lora_at.get(o.method.budget_r)
+        peer = peer_of(o.method)
         same = _pairs(task, o, peer) if peer is not None and not o.method.frontier else None
+        counted = not (o.method.frontier or o.method.baseline)  # a ranktune method, judged against the target
         curve = curves.get(o.method.name)
         curve_text = "—"
         if curve is not None:
@@ -205,21 +215,20 @@ def _task_section(
             reached = steps_to([(s, oriented(v, task.higher_is_better)) for s, v in
                                 mean_history([r["history"] for r in o.runs.values()])], target)  # fmt: skip
             steps = "not reached" if reached is None else f"{reached} ({reached / task.steps:.2f} of the run)"
-            if reached is not None and reached <= task.steps / 2 and not o.method.frontier:
+            if reached is not None and reached <= task.steps / 2 and counted:
                 summary.half_steps = True
-        if not o.method.frontier and lora8_mean is not None and o.parameters() <= lora8.parameters() / 2:
+        if counted and lora8_mean is not None and o.parameters() <= lora8.parameters() / 2:
             summary.half_parameters = summary.half_parameters or mean >= lora8_mean
-        if curve is not None and curve.mean > 0 and adjusted.get(o.method.name, math.nan) < SIGNIFICANT:
+        if counted and curve is not None and curve.mean > 0 and adjusted.get(o.method.name, math.nan) < SIGNIFICANT:
             summary.ahead_of_curve = True
-        if curve is not None and (best_gain is None or curve.mean > best_gain):
+        if counted and curve is not None and (best_gain is None or curve.mean > best_gain):
             best_gain = curve.mean
             summary.best = f"{o.method.label}: {curve_text} against LoRA's curve at its parameters"
         lines.append(
-            f"| {o.method.label} | r {o.method.budget_r} | {o.parameters():,.0f} | {ranks} | {tried} | {len(o.runs)} "
+            f"| {o.method.label} | {budget_of(o.method)} | {o.parameters():,.0f} | {ranks} | {tried} | {len(o.runs)} "
             f"| {_mean_se(list(o.test(task).values()))} | {same.describe() if same else '—'} | "
             f"{curve_text} | {ratio} | {steps} |"
         )
-    by_name = {o.method.name: o for o in outcomes}
     versus = [(o, by_name[o.method.versus]) for o in measured if o.method.versus in by_name]
     for ours, theirs in versus:
         pair = _pairs(task, ours, theirs)

@@ -76,6 +76,9 @@ class Method:
         versus: the name of another method the report also pairs it with, seed by seed.
         reallocate_every: for HeteroLoRA's search, the fraction of the run between reallocations (`every` is set to
             that many of the task's steps; 1.0: only the selection before step 0).
+        peer: the LoRA method it is matched to in the report's "LoRA budget" and "vs LoRA at its budget" columns
+            (default: LoRA r `budget_r` on every linear layer).
+        baseline: a LoRA placement to compare against, not a ranktune method: never counted toward the target.
     """
 
     name: str
@@ -87,6 +90,8 @@ class Method:
     note: str = ""
     versus: str | None = None
     reallocate_every: float | None = None
+    peer: str | None = None
+    baseline: bool = False
 
 
 @dataclass(frozen=True)
@@ -163,10 +168,52 @@ L1RA_SETTINGS = {"method": "l1ra", "l1ra_lambda": 0.3, "eta_c": 0.05, "rank_upda
 HETERO_SEARCH = {"method": "hetero", "heuristic": "grad_norm", "keep": 0.25, "batches": 8}
 
 
+# Below LoRA r 1 on every linear layer, the curve's smallest point, placement is all there is to choose: LoRA r 1 on
+# query and value (PEFT's default targets for BERT and llama, a third of the modules and under a quarter of r 1's
+# parameters), on one module (next to nothing besides the head and pooler every method trains: how much LoRA adds at
+# all), and HeteroLoRA's data-driven choice of a quarter of the r 1 modules. PEFT matches a string as a regex.
+QUERY_VALUE = r".*\.(query|value|q_proj|v_proj)"
+ONE_MODULE = r".*\.(layer\.0\.attention\.self\.query|layers\.0\.self_attn\.q_proj)"
+
+
+def below_r1() -> list[Method]:
+    """LoRA at budgets under r 1 on every linear layer, and HeteroLoRA's choice of modules at such a budget."""
+    none = {"method": "none"}
+    return [
+        Method(
+            "lora-qv-r1",
+            "LoRA r 1 on query and value",
+            1,
+            {"lora": {**_lora(1), "target_modules": QUERY_VALUE}, "allocation": none},
+            baseline=True,
+            note="PEFT's default placement: the attention's query and value projections of every layer",
+        ),
+        Method(
+            "lora-one-r1",
+            "LoRA r 1 on one module",
+            1,
+            {"lora": {**_lora(1), "target_modules": ONE_MODULE}, "allocation": none},
+            baseline=True,
+            note="the first layer's query projection only: what the head and pooler (trained by every method) reach "
+            "almost alone",
+        ),
+        Method(
+            "hetero-static-r1",
+            "HeteroLoRA static: a quarter of the r 1 pool",
+            1,
+            {"lora": _lora(1), "allocation": dict(HETERO_SEARCH)},
+            reallocate_every=1.0,
+            peer="lora-qv-r1",
+            note="grad_norm over 8 batches before step 0 picks a quarter of the r 1 modules (PEFT's default "
+            "placement takes a third)",
+        ),
+    ]
+
+
 def methods(l1ra: bool = True) -> tuple[Method, ...]:
     """LoRA's curve, then the data-driven methods at the r 8 budget (the gradient method also at r 2), its two
-    ablations, and the methods that move ranks during training (L1RA alone only with `l1ra`; L1RA started from the
-    gradient method always, as the test of composing the two)."""
+    ablations, the methods that move ranks during training (L1RA alone only with `l1ra`; L1RA started from the
+    gradient method always, as the test of composing the two), and the budgets below LoRA r 1 (`below_r1`)."""
     frontier = [
         Method(f"lora-r{r}", f"LoRA r {r}", r, {"lora": _lora(r), "allocation": {"method": "none"}}, frontier=True)
         for r in FRONTIER_RANKS
@@ -258,6 +305,7 @@ def methods(l1ra: bool = True) -> tuple[Method, ...]:
             note="PEFT's AdaLoRA, init_r 12 pruned to a total rank of r 8; its learning rates four times the others'",
         ),
     ]
+    others += below_r1()
     return (*frontier, *gradient, *(m for m in others if l1ra or not m.name.startswith("l1ra")))
 
 
@@ -378,6 +426,9 @@ def cpu_profile() -> Profile:
             "time to quality is read at half the run and at its end).",
             "SmolLM2: 100 optimizer steps of 8 pairs, sequences cut at 96 tokens, validation on the 56 validation "
             "pairs (all there are) at steps 50 and 100.",
+            "Below LoRA r 1 on every linear layer (the curve's smallest point) the study places LoRA r 1 by hand "
+            "(query and value; one module) and by HeteroLoRA's saliency: these are LoRA placements, not points of "
+            "the curve, and the two by hand are baselines that the target does not count.",
         ),
     )
 
