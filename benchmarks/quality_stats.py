@@ -11,7 +11,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scipy import stats
+from scipy import optimize, stats
 
 
 def oriented(value: float, higher_is_better: bool) -> float:
@@ -95,3 +95,23 @@ def holm(p_values: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (len(order) - rank) * p))
         adjusted[i] = running
     return adjusted
+
+
+def detection_rate(gain: float, spread: float, n: int, alpha: float = 0.05) -> float:
+    """How often a two-sided paired t-test over `n` pairs finds p < `alpha` when the true mean difference is `gain`
+    and the paired differences have standard deviation `spread`: t then follows the non-central t distribution with
+    n - 1 degrees of freedom and non-centrality gain / spread · √n."""
+    df = n - 1
+    critical = stats.t.ppf(1 - alpha / 2, df)
+    shift = gain / spread * math.sqrt(n)
+    upper = 1.0 - stats.nct.cdf(critical, df, shift)
+    lower = stats.nct.cdf(-critical, df, shift)  # NaN far out in the tail, where it is 0
+    return upper + (0.0 if math.isnan(lower) else lower)
+
+
+def detectable_gain(spread: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean difference that a two-sided paired t-test over `n` pairs finds at p < `alpha` with
+    probability `power`, when the paired differences have standard deviation `spread` (NaN below 3 pairs)."""
+    if n < 3 or not spread > 0:
+        return math.nan
+    return optimize.brentq(lambda gain: detection_rate(gain, spread, n, alpha) - power, 1e-6 * spread, 20.0 * spread)
