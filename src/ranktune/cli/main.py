@@ -24,6 +24,7 @@ from ranktune.cli import (
     train_cmd,
 )
 from ranktune.errors import RanktuneError
+from ranktune.launch import exit_launched_process, joined_process_group
 
 COMMANDS = (train_cmd, eval_cmd, generate_cmd, merge_cmd, export_cmd, inspect_cmd, saliency_cmd, plan_cmd, assets_cmd)
 
@@ -65,6 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not args.debug:
         _quiet_libraries()
+    code = _run(args)
+    if joined_process_group():  # under torchrun / accelerate launch: see ranktune.launch
+        exit_launched_process(code)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Runs the parsed command; returns its exit code, turning errors into one line on stderr."""
     try:
         return int(args.func(args) or 0)
     except RanktuneError as error:

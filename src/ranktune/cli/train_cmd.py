@@ -22,23 +22,10 @@ def run(args: argparse.Namespace) -> int:
     from ranktune.evaluation import format_metrics
     from ranktune.training import train
 
-    try:
-        result = train(config, resume=args.resume, overwrite=args.overwrite)
-    finally:
-        leave_process_group()
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
     if not launched_as_main():  # another process than the main one under torchrun: that one reports
         return 0
     if result.test_after:
         print(f"test: {format_metrics(result.test_after, result.test_before)}")
     print(f"adapter: {result.output_dir}")
     return 0
-
-
-def leave_process_group() -> None:
-    """Shuts down this process's torch.distributed group, if a launcher started one. Left to interpreter exit, gloo's
-    threads can abort a process that finished first (SIGABRT: "terminate called without an active exception") while
-    the main one is still writing the adapter."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
