@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 # does), registers an exit handler, prints a line without flushing, and ends through `exit_launched_process`. Process
 # 1 leaves at once while process 0 still works, which is when the abort struck ranktune's FSDP runs.
 SCRIPT = """
-import atexit, os, sys, time
+import atexit, sys, time
 from pathlib import Path
 import torch, torch.distributed as dist
 from ranktune.launch import exit_launched_process, joined_process_group
